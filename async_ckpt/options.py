@@ -1,0 +1,48 @@
+"""Keyword-only options that control the asynchronous behaviour of a saver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+OverflowPolicy = Literal["block", "skip"]
+SnapshotMode = Literal["eager", "overlap"]
+
+
+@dataclass(frozen=True)
+class AsyncOptions:
+    """How a saver stages and writes in the background.
+
+    Args:
+        max_pending: snapshots that may be in flight at once (one being written, the rest waiting). Each one owns
+            a set of reusable CPU buffers as large as the state, so this bounds the extra host memory.
+        overflow: what to do when ``max_pending`` snapshots are in flight and another save is due. ``"block"``
+            waits for the writer (the time waited is recorded); ``"skip"`` drops *interval* saves with a warning.
+            Best-metric and final saves are never dropped.
+        fsync: flush files and their directory to stable storage before a checkpoint counts as durable. Turning
+            it off trades the crash guarantee for speed and is meant for tests on tmpfs.
+        snapshot_mode: ``"eager"`` copies every tensor before the event handler returns. ``"overlap"`` copies
+            module parameters and optimizer state while the next step runs; the optimizer's ``step()`` waits
+            for the copy (see docs/design.md).
+        dedup: when several of the saver's checkpoints are due for the same unchanged state (final, key metric,
+            interval), stage and serialize it once and hard-link the other names.
+        exit_timeout: seconds the interpreter-exit hook waits for pending writes before it reports the ones it
+            could not finish (``None``: wait as long as it takes).
+    """
+
+    max_pending: int = 2
+    overflow: OverflowPolicy = "block"
+    fsync: bool = True
+    snapshot_mode: SnapshotMode = "eager"
+    dedup: bool = True
+    exit_timeout: float | None = 600.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_pending, int) or isinstance(self.max_pending, bool) or self.max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1 (snapshots in flight), got {self.max_pending!r}.")
+        if self.overflow not in ("block", "skip"):
+            raise ValueError(f"overflow must be 'block' or 'skip', got {self.overflow!r}.")
+        if self.snapshot_mode not in ("eager", "overlap"):
+            raise ValueError(f"snapshot_mode must be 'eager' or 'overlap', got {self.snapshot_mode!r}.")
+        if self.exit_timeout is not None and self.exit_timeout <= 0:
+            raise ValueError(f"exit_timeout must be > 0 seconds or None, got {self.exit_timeout!r}.")

@@ -1,0 +1,288 @@
+"""ignite's save-handler seam, asynchronous: ``__call__`` snapshots and enqueues, ``remove`` defers.
+
+:class:`SavePipeline` is what one saver's handlers share: the stager (buffers), the writer client (queue and error
+latch) and the telemetry. :class:`AsyncSaveHandler` is the thin ``BaseSaveHandler`` that ignite's ``Checkpoint``
+calls; it maps fixed file names the way MONAI's private ``_DiskSaver`` does and turns every ``remove`` into an
+eviction that runs only after the next file of the same handler is durable.
+
+It subclasses ignite's ``DiskSaver`` only so that ``Checkpoint.last_checkpoint`` returns a full path and
+``Checkpoint.reload_objects`` works, exactly as with MONAI's saver; none of ``DiskSaver``'s writing code runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.handlers import DiskSaver
+
+from async_ckpt.errors import CheckpointWriteError, SnapshotError
+from async_ckpt.options import AsyncOptions
+from async_ckpt.serialize import serialize
+from async_ckpt.snapshot import Staged, Stager, flatten, unflatten
+from async_ckpt.storage import FileStorage
+from async_ckpt.telemetry import SaveStats, Telemetry
+from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient, set_exit_timeout
+
+__all__ = ["AsyncSaveHandler", "SavePipeline"]
+
+
+@dataclass
+class _LastJob:
+    job: WriteJob
+    views: list[torch.Tensor]
+    fingerprint: bytes | None
+
+
+class SavePipeline:
+    """Snapshot, enqueue and account for the saves of one saver.
+
+    Thread-safety: :meth:`save` and :meth:`raise_pending` run on the training thread; completion callbacks run on
+    the writer thread and only touch the stager's pool, the telemetry and the log.
+
+    Args:
+        save_dict: the objects being checkpointed (used in overlap mode to find the optimizers to guard).
+        options: asynchronous options.
+        storage: file operations; ``None`` for the real file system.
+        logger: where the per-save info line goes (a callable, because MONAI binds the engine's logger at
+            ``attach``).
+        name: a label for log lines.
+    """
+
+    def __init__(
+        self,
+        save_dict: Mapping[str, Any],
+        options: AsyncOptions,
+        storage: FileStorage | None,
+        logger: Callable[[], logging.Logger],
+        name: str = "saver",
+    ) -> None:
+        self.save_dict = save_dict
+        self.options = options
+        self.stager = Stager(options.max_pending)
+        self.client = WriterClient(storage if storage is not None else FileStorage(fsync=options.fsync), name=name)
+        self.telemetry = Telemetry()
+        self._logger = logger
+        self._last: _LastJob | None = None
+        self._deferred: list[Staged] = []
+        self._hooks: dict[int, Any] = {}
+        set_exit_timeout(options.exit_timeout)
+
+    # -- the training-thread path --------------------------------------------------------------------------------
+    def save(self, checkpoint: Any, path: str, removes: list[str], reason: str) -> WriteJob:
+        """Stage ``checkpoint`` and queue it to become ``path``; queue ``removes`` to run once it is durable.
+
+        Returns when the checkpoint is training-safe: in eager mode every tensor has been copied; in overlap mode
+        the parameters and optimizer state are being copied, and the optimizers' next ``step()`` waits for it.
+
+        Raises:
+            SnapshotError: the state could not be copied (nothing was queued and nothing will be removed).
+            WriterClosedError: the saver was closed.
+        """
+        t0 = time.perf_counter()
+        try:
+            flat = flatten(checkpoint)
+        except Exception as exc:
+            raise SnapshotError(
+                f"cannot snapshot the state for {path!r}: a non-tensor value could not be copied ({exc!r}). "
+                "Make every state_dict() return tensors and plain, copyable Python values."
+            ) from exc
+        defer = self._deferrable(flat.tensors)
+        previous = self.stager._last
+        staged = self.stager.stage(flat.tensors, block=True, reuse=self.options.dedup, defer=defer)
+        assert staged is not None  # block=True always returns a snapshot
+        reused = previous is not None and staged.views is previous.views
+        fingerprint = flat.fingerprint() if self.options.dedup else None
+        link_from = None
+        last = self._last
+        if (
+            last is not None
+            and fingerprint is not None
+            and last.views is staged.views
+            and last.fingerprint == fingerprint
+            and last.job.path != path
+        ):
+            link_from = last.job
+        tree = unflatten(flat.skeleton, staged.views)
+        blocking = time.perf_counter() - t0
+
+        def produce(f: Any) -> None:
+            serialize(tree, f)
+
+        def done(result: JobResult) -> None:
+            staged.release()
+            self._record(path, reason, result, t0, blocking, staged, reused)
+
+        job = WriteJob(path, produce, link_from=link_from, removes=removes, before=staged.wait_ready, on_done=done)
+        try:
+            self.client.submit(job)
+        except BaseException:
+            staged.release()
+            raise
+        if staged.deferred:
+            self._deferred.append(staged)
+        self._last = _LastJob(job, staged.views, fingerprint)
+        return job
+
+    def _deferrable(self, tensors: list[torch.Tensor]) -> list[bool] | None:
+        """In overlap mode, which tensors only an optimizer's ``step()`` writes (so their copy may overlap)."""
+        if self.options.snapshot_mode != "overlap":
+            return None
+        guarded: set[int] = set()
+        for obj in self.save_dict.values():
+            if not isinstance(obj, torch.optim.Optimizer):
+                continue
+            self._install_guard(obj)
+            for group in obj.param_groups:
+                for p in group["params"]:
+                    guarded.add(p.untyped_storage().data_ptr())
+            for state in obj.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        guarded.add(value.untyped_storage().data_ptr())
+        return [t.untyped_storage().data_ptr() in guarded for t in tensors]
+
+    def _install_guard(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) in self._hooks:
+            return
+
+        def wait_for_copies(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.settle()
+
+        self._hooks[id(optimizer)] = optimizer.register_step_pre_hook(wait_for_copies)
+
+    def settle(self) -> None:
+        """Order every write of a tensor whose copy was deferred after that copy (training thread)."""
+        while self._deferred:
+            self._deferred.pop(0).guard()
+
+    def has_free_slot(self) -> bool:
+        """Whether a save could be staged now without waiting for the writer."""
+        return self.stager.has_free_slot()
+
+    def take_failures(self) -> list[Failure]:
+        return self.client.take_failures()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every queued save is durable or failed (``False`` if ``timeout`` ran out first)."""
+        self.settle()
+        return self.client.wait(timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        self.settle()
+        finished = self.client.close(timeout)
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        return finished
+
+    # -- the writer-thread path --------------------------------------------------------------------------------
+    def _record(
+        self, path: str, reason: str, result: JobResult, t0: float, blocking: float, staged: Staged, reused: bool
+    ) -> None:
+        times = result.times
+        stats = SaveStats(
+            path=path,
+            reason=reason,
+            ok=result.ok,
+            blocking_s=blocking,
+            backpressure_s=0.0 if reused else staged.wait_s,
+            snapshot_s=0.0 if reused else staged.copy_s,
+            nbytes=times.nbytes,
+            serialize_s=times.serialize_s,
+            write_s=times.write_s,
+            fsync_s=times.fsync_s,
+            durable_s=(result.durable_at - t0) if result.ok else float("nan"),
+            linked=result.linked,
+            reused_snapshot=reused,
+        )
+        self.telemetry.record(stats)
+        log = self._logger()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("async_ckpt: %s", stats.as_dict())
+        if result.ok:
+            log.info(
+                "async_ckpt: %s durable in %.3fs (%s, %.1f MiB, %.0f MiB/s); training blocked %.1f ms",
+                path,
+                stats.durable_s,
+                "hard link" if stats.linked else reason,
+                stats.nbytes / 2**20,
+                stats.throughput_mib_s,
+                blocking * 1e3,
+            )
+
+
+def failure_to_error(failure: Failure, more: int) -> CheckpointWriteError:
+    """The exception a user sees for a failed job, with the original chained as ``__cause__``."""
+    verb = {"remove": "remove an evicted file after writing", "link": "link", "stage": "copy the state for"}.get(
+        failure.stage, "write"
+    )
+    extra = f" ({more} more save(s) of this saver failed after it)" if more else ""
+    err = CheckpointWriteError(
+        f"async_ckpt could not {verb} checkpoint {failure.job.path!r}: {failure.error!r}{extra}. "
+        "Earlier checkpoints are intact; fix the cause (disk space, permissions, an unpicklable object) and resume.",
+        path=failure.job.path,
+        more=more,
+    )
+    err.__cause__ = failure.error
+    return err
+
+
+class AsyncSaveHandler(DiskSaver):
+    """ignite ``BaseSaveHandler`` that snapshots at the call and writes in the background.
+
+    Args:
+        pipeline: the saver's shared pipeline.
+        dirname: directory of the checkpoints.
+        filename: a fixed file name that replaces the one ignite generates (MONAI's ``final_filename`` /
+            ``key_metric_filename``).
+        reason: label recorded in telemetry (``"interval"``, ``"key_metric"``, ``"final"``).
+        save_on_rank: only this rank snapshots and writes; the others do no copy and no I/O.
+    """
+
+    def __init__(
+        self,
+        pipeline: SavePipeline,
+        dirname: str | os.PathLike[str],
+        filename: str | None = None,
+        reason: str = "interval",
+        save_on_rank: int = 0,
+    ) -> None:
+        super().__init__(
+            dirname=Path(dirname), atomic=True, create_dir=True, require_empty=False, save_on_rank=save_on_rank
+        )
+        self.filename = filename
+        self.reason = reason
+        self._pipeline = pipeline
+        self._removes: list[str] = []
+        self.last_job: WriteJob | None = None
+
+    def path_for(self, filename: str) -> str:
+        """The final path a file name given by ignite maps to."""
+        return str(self.dirname / (self.filename if self.filename is not None else filename))
+
+    def __call__(self, checkpoint: Mapping[str, Any], filename: str, metadata: Mapping[str, Any] | None = None) -> None:
+        if idist.get_rank() != self.save_on_rank:
+            self._removes.clear()
+            return
+        path = self.path_for(filename)
+        # Removing the name being rewritten would open a window with no file: the atomic replace covers it.
+        removes = [p for p in self._removes if p != path]
+        self._removes = []
+        self.last_job = self._pipeline.save(checkpoint, path, removes, self.reason)
+
+    def remove(self, filename: str) -> None:
+        if idist.get_rank() != self.save_on_rank:
+            return
+        self._removes.append(self.path_for(filename))
+
+    def discard_removes(self) -> None:
+        """Forget removals requested for a save that did not happen (the files stay)."""
+        self._removes.clear()

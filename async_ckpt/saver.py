@@ -1,0 +1,441 @@
+"""``AsyncCheckpointSaver``: MONAI's ``CheckpointSaver``, with the writing moved off the training thread.
+
+The class reproduces MONAI 1.6's constructor, events, file names and file contents by composing the same three
+ignite ``Checkpoint`` objects MONAI builds (final, key metric, interval). Only their save handler differs: an
+:class:`~async_ckpt.save_handler.AsyncSaveHandler` that snapshots at the event and lets the shared background
+writer make the file durable. Scoring, naming and top-N retention are ignite's own code.
+
+On top of MONAI it adds: ``wait()`` / ``close()`` / context manager, a flush at ``COMPLETED`` (so every
+checkpoint of a run is on disk when ``engine.run`` returns), a flush of the final checkpoint before an exception
+leaves ``engine.run``, background errors raised on the training thread, and per-save telemetry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
+from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, failure_to_error
+from async_ckpt.storage import FileStorage
+
+if TYPE_CHECKING:
+    from async_ckpt.telemetry import Telemetry
+    from async_ckpt.writer import Failure
+
+__all__ = ["AsyncCheckpointSaver"]
+
+
+def _is_scalar(value: Any) -> bool:
+    """MONAI's ``is_scalar``: a Python/NumPy number or a one-element tensor/array."""
+    import numbers
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0
+    try:
+        import numpy as np
+
+        if isinstance(value, np.ndarray):
+            return value.ndim == 0
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        pass
+    return isinstance(value, numbers.Number)
+
+
+class AsyncCheckpointSaver:
+    """Saves checkpoints like MONAI's ``CheckpointSaver`` while training keeps running.
+
+    Drop-in: ``from async_ckpt import AsyncCheckpointSaver as CheckpointSaver``. The positional and keyword
+    arguments up to ``n_saved`` are MONAI's, with MONAI's defaults and MONAI's exceptions for bad values; see
+    MONAI's documentation for their meaning. The keyword-only arguments after them control the background work.
+
+    Args:
+        save_dir: the target directory to save the checkpoints.
+        save_dict: source objects that save to the checkpoint, e.g. ``{"network": net, "optimizer": opt}``.
+        name: identifier of the ``logging.Logger`` to use; ``None`` uses ``engine.logger``.
+        file_prefix: prefix for the file names.
+        save_final: save a checkpoint at ``COMPLETED`` and on ``EXCEPTION_RAISED``.
+        final_filename: fixed file name of the final checkpoint.
+        save_key_metric: save when the key metric improves.
+        key_metric_name: the metric in ``engine.state.metrics``; ``None`` uses ``engine.state.key_metric_name``.
+        key_metric_n_saved: keep the best N key-metric checkpoints.
+        key_metric_filename: fixed file name of the best checkpoint (requires ``key_metric_n_saved == 1``).
+        key_metric_save_state: also store the key-metric tracking list under ``"checkpointer"``.
+        key_metric_greater_or_equal: a tie replaces the saved checkpoint.
+        key_metric_negative_sign: smaller metric is better.
+        epoch_level: ``save_interval`` counts epochs (``True``) or iterations (``False``).
+        save_interval: save every N epochs/iterations; 0 disables interval saves.
+        n_saved: keep the latest N interval checkpoints; ``None`` keeps all.
+        max_pending: snapshots in flight at once (each holds a CPU copy of the state). Default 2: one being
+            written, one waiting.
+        overflow: ``"block"`` (default) waits when ``max_pending`` snapshots are in flight; ``"skip"`` drops
+            interval saves with a warning instead. Key-metric and final saves are never dropped.
+        fsync: make files and renames durable before they count as saved (default ``True``).
+        snapshot_mode: ``"eager"`` (default) copies everything at the event; ``"overlap"`` copies parameters and
+            optimizer state while the next step runs, and the optimizers' ``step()`` waits for the copy.
+        dedup: stage and serialize once when several checkpoints are due for the same unchanged state.
+        exit_timeout: seconds the interpreter-exit hook waits for pending writes (``None``: unbounded).
+        storage: file operations (a :class:`~async_ckpt.storage.FileStorage` subclass); for tests and
+            special file systems.
+
+    Raises:
+        AssertionError: ``save_dir`` is ``None`` or ``save_dict`` is empty (as MONAI).
+        TypeError: a ``save_dict`` value has no ``state_dict`` method (as ignite).
+        ValueError: ``key_metric_filename`` with ``key_metric_n_saved > 1``, ``n_saved < 1``, the key
+            ``"checkpointer"`` with ``key_metric_save_state`` (as MONAI/ignite), or a bad async option.
+        OSError: ``save_dir`` cannot be created, is not a directory, or is not writable.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,  # type: ignore[type-arg]
+        name: str | None = None,
+        file_prefix: str = "",
+        save_final: bool = False,
+        final_filename: str | None = None,
+        save_key_metric: bool = False,
+        key_metric_name: str | None = None,
+        key_metric_n_saved: int = 1,
+        key_metric_filename: str | None = None,
+        key_metric_save_state: bool = False,
+        key_metric_greater_or_equal: bool = False,
+        key_metric_negative_sign: bool = False,
+        epoch_level: bool = True,
+        save_interval: int = 0,
+        n_saved: int | None = None,
+        *,
+        max_pending: int = 2,
+        overflow: OverflowPolicy = "block",
+        fsync: bool = True,
+        snapshot_mode: SnapshotMode = "eager",
+        dedup: bool = True,
+        exit_timeout: float | None = 600.0,
+        storage: FileStorage | None = None,
+    ) -> None:
+        if save_dir is None:
+            raise AssertionError("must provide directory to save the checkpoints.")
+        self.save_dir = save_dir
+        if not (save_dict is not None and len(save_dict) > 0):
+            raise AssertionError("must provide source objects to save.")
+        self.save_dict = save_dict
+        self.options = AsyncOptions(
+            max_pending=max_pending,
+            overflow=overflow,
+            fsync=fsync,
+            snapshot_mode=snapshot_mode,
+            dedup=dedup,
+            exit_timeout=exit_timeout,
+        )
+        self.logger = logging.getLogger(name)
+        self.epoch_level = epoch_level
+        self.save_interval = save_interval
+        self._final_checkpoint: Checkpoint | None = None
+        self._key_metric_checkpoint: Checkpoint | None = None
+        self._interval_checkpoint: Checkpoint | None = None
+        self._name = name
+        self._final_filename = final_filename
+        self._closed = False
+        self._flush_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        if save_final or save_key_metric or save_interval > 0:
+            _check_state_dicts(save_dict)
+        self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
+        self._handlers: dict[int, AsyncSaveHandler] = {}
+
+        if save_final:
+
+            def _final_func(engine: Engine) -> Any:
+                return engine.state.iteration
+
+            self._final_checkpoint = self._checkpoint(
+                final_filename,
+                "final",
+                to_save=self.save_dict,
+                filename_prefix=file_prefix,
+                score_function=_final_func,
+                score_name="final_iteration",
+            )
+
+        if save_key_metric:
+
+            def _score_func(engine: Engine) -> Any:
+                if isinstance(key_metric_name, str):
+                    metric_name = key_metric_name
+                elif hasattr(engine.state, "key_metric_name"):
+                    metric_name = engine.state.key_metric_name
+                else:
+                    raise ValueError(
+                        f"Incompatible values: save_key_metric=True and key_metric_name={key_metric_name}."
+                    )
+                metric = engine.state.metrics[metric_name]
+                if not _is_scalar(metric):
+                    warnings.warn(
+                        "key metric is not a scalar value, skip metric comparison and don't save a model."
+                        "please use other metrics as key metric, or change the `reduction` mode to 'mean'."
+                        f"got metric: {metric_name}={metric}.",
+                        stacklevel=2,
+                    )
+                    return -1
+                return (-1 if key_metric_negative_sign else 1) * metric
+
+            if key_metric_filename is not None and key_metric_n_saved > 1:
+                raise ValueError("if using fixed filename to save the best metric model, we should only save 1 model.")
+
+            self._key_metric_checkpoint = self._checkpoint(
+                key_metric_filename,
+                "key_metric",
+                to_save=self.save_dict,
+                filename_prefix=file_prefix,
+                score_function=_score_func,
+                score_name="key_metric",
+                n_saved=key_metric_n_saved,
+                include_self=key_metric_save_state,
+                greater_or_equal=key_metric_greater_or_equal,
+            )
+
+        if save_interval > 0:
+
+            def _interval_func(engine: Engine) -> Any:
+                return engine.state.epoch if self.epoch_level else engine.state.iteration
+
+            self._interval_checkpoint = self._checkpoint(
+                None,
+                "interval",
+                to_save=self.save_dict,
+                filename_prefix=file_prefix,
+                score_function=_interval_func,
+                score_name="epoch" if self.epoch_level else "iteration",
+                n_saved=n_saved,
+            )
+        if self._handlers:
+            _check_writable(str(save_dir))
+
+    def _checkpoint(self, filename: str | None, reason: str, **kwargs: Any) -> Checkpoint:
+        handler = AsyncSaveHandler(self._pipeline, self.save_dir, filename=filename, reason=reason)
+        checkpoint = Checkpoint(save_handler=handler, **kwargs)
+        self._handlers[id(checkpoint)] = handler
+        return checkpoint
+
+    # -- MONAI's public surface ----------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[type-arg]
+        """Resume the key-metric tracking list from a checkpoint saved with ``key_metric_save_state=True``."""
+        if self._key_metric_checkpoint is not None:
+            self._key_metric_checkpoint.load_state_dict(state_dict)
+        else:
+            warnings.warn("no key metric checkpoint saver to resume the key metric tracking list.", stacklevel=2)
+
+    def attach(self, engine: Engine) -> None:
+        """Register the saver's handlers on ``engine`` (a trainer, validator or evaluator), as MONAI does.
+
+        Also registers a flush on ``COMPLETED`` so every checkpoint is durable when ``engine.run`` returns.
+        """
+        if self._name is None:
+            self.logger = engine.logger
+        if self._final_checkpoint is not None:
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+        if self._key_metric_checkpoint is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.metrics_completed)
+        if self._interval_checkpoint is not None:
+            if self.epoch_level:
+                engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.interval_completed)
+            else:
+                engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.interval_completed)
+        if self._handlers:
+            engine.add_event_handler(Events.COMPLETED, self._run_completed)
+
+    def _delete_previous_final_ckpt(self) -> None:
+        if self._final_checkpoint is not None:
+            saved = self._final_checkpoint._saved
+            if len(saved) > 0:
+                item = saved.pop(0)
+                self._final_checkpoint.save_handler.remove(item.filename)
+                self.logger.info(f"Deleted previous saved final checkpoint: {item.filename}")
+
+    def completed(self, engine: Engine) -> None:
+        """``COMPLETED``: queue the final checkpoint (it is made durable by the flush that follows)."""
+        if not callable(self._final_checkpoint):
+            raise AssertionError("Error: _final_checkpoint function not specified.")
+        self._delete_previous_final_ckpt()
+        self._save(self._final_checkpoint, engine)
+        self.logger.info(f"Train completed, saved final checkpoint: {self._final_path()}")
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        """``EXCEPTION_RAISED``: write the final checkpoint, wait until it is durable, then re-raise ``e``."""
+        if not callable(self._final_checkpoint):
+            raise AssertionError("Error: _final_checkpoint function not specified.")
+        self._delete_previous_final_ckpt()
+        self._save(self._final_checkpoint, engine)
+        self.wait()
+        self.logger.info(f"Exception raised, saved the last checkpoint: {self._final_path()}")
+        raise e
+
+    def metrics_completed(self, engine: Engine) -> None:
+        """``EPOCH_COMPLETED``: save if the key metric improved."""
+        if not callable(self._key_metric_checkpoint):
+            raise AssertionError("Error: _key_metric_checkpoint function not specified.")
+        self.raise_pending()
+        self._save(self._key_metric_checkpoint, engine)
+
+    def interval_completed(self, engine: Engine) -> None:
+        """Every ``save_interval`` epochs or iterations: save (or, with ``overflow="skip"``, maybe drop)."""
+        if not callable(self._interval_checkpoint):
+            raise AssertionError("Error: _interval_checkpoint function not specified.")
+        self.raise_pending()
+        if self.options.overflow == "skip" and not self._pipeline.has_free_slot():
+            self._pipeline.telemetry.skipped += 1
+            step = engine.state.epoch if self.epoch_level else engine.state.iteration
+            unit = "epoch" if self.epoch_level else "iteration"
+            warnings.warn(
+                f"async_ckpt: skipped the interval checkpoint at {unit} {step}: the writer is still busy with "
+                f"{self.options.max_pending} earlier checkpoint(s) (overflow='skip'). Raise max_pending or "
+                "save_interval, or use overflow='block'.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        self._save(self._interval_checkpoint, engine)
+        if self.epoch_level:
+            self.logger.info(f"Saved checkpoint at epoch: {engine.state.epoch}")
+        else:
+            self.logger.info(f"Saved checkpoint at iteration: {engine.state.iteration}")
+
+    # -- asynchronous additions ----------------------------------------------------------------------------------
+    @property
+    def stats(self) -> Telemetry:
+        """Per-save telemetry: training-thread blocking time, bytes, serialize/write/fsync and durable times."""
+        return self._pipeline.telemetry
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every checkpoint queued so far is durable, then raise any background failure.
+
+        Raises:
+            CheckpointWriteError: a queued checkpoint could not be written (the original is ``__cause__``).
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        if not self._pipeline.wait(timeout):
+            raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
+        self.raise_pending()
+
+    def close(self) -> None:
+        """Wait for pending checkpoints, stop accepting new ones, and raise any background failure. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pipeline.close()
+        self.raise_pending()
+
+    def __enter__(self) -> AsyncCheckpointSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def raise_pending(self) -> None:
+        """Raise the first background failure not reported yet (and forget the rest of them).
+
+        Before raising, the bookkeeping of the ``Checkpoint`` that queued the failed file is rolled back: the
+        failed name leaves its top-N list and the files whose eviction was cancelled come back into it.
+        """
+        failures = self._pipeline.take_failures()
+        if not failures:
+            return
+        for failure in failures:
+            self._roll_back(failure)
+        raise failure_to_error(failures[0], more=len(failures) - 1)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+    def _save(self, checkpoint: Checkpoint, engine: Engine) -> None:
+        handler = self._handlers[id(checkpoint)]
+        before = list(checkpoint._saved)
+        handler.last_job = None
+        try:
+            checkpoint(engine)
+        except BaseException:
+            checkpoint._saved = before
+            handler.discard_removes()
+            raise
+        job = handler.last_job
+        if job is not None:
+            after = list(checkpoint._saved)
+            job.tag = (checkpoint, [it for it in after if it not in before], [it for it in before if it not in after])
+
+    def _roll_back(self, failure: Failure) -> None:
+        if failure.stage == "remove" or not isinstance(failure.job.tag, tuple):
+            return
+        checkpoint, added, evicted = failure.job.tag
+        handler = self._handlers[id(checkpoint)]
+        kept = [it for it in checkpoint._saved if it not in added]
+        back = [it for it in evicted if os.path.exists(handler.path_for(it.filename)) and it not in kept]
+        checkpoint._saved = sorted(kept + back, key=lambda it: it[0])
+
+    def _final_path(self) -> Any:
+        if self._final_filename is not None:
+            return os.path.join(self.save_dir, self._final_filename)
+        assert self._final_checkpoint is not None
+        return self._final_checkpoint.last_checkpoint
+
+    def _run_completed(self, engine: Engine) -> None:
+        """Flush at ``COMPLETED``, unless ``engine`` runs inside another engine's run (an evaluator).
+
+        An evaluator completes once per validation round; waiting there would make the trainer wait for every
+        best-model write. Instead the flush is registered once on the outermost running engine.
+        """
+        outer = _outermost_running_engine()
+        if outer is None or outer is engine:
+            self.wait()
+            return
+        if outer not in self._flush_engines:
+            self._flush_engines.add(outer)
+            outer.add_event_handler(Events.COMPLETED, self._flush_outer)
+
+    def _flush_outer(self, engine: Engine) -> None:
+        self.wait()
+
+
+def _outermost_running_engine() -> Engine | None:
+    """The engine of the outermost ``Engine.run`` call on this thread's stack, if any."""
+    code = Engine.run.__code__
+    frame = sys._getframe(1)
+    outer = None
+    while frame is not None:
+        if frame.f_code is code:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Engine):
+                outer = candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return outer
+
+
+def _check_state_dicts(save_dict: Mapping[str, Any]) -> None:
+    for key, obj in save_dict.items():
+        if not callable(getattr(obj, "state_dict", None)):
+            raise TypeError(
+                f"save_dict[{key!r}] is a {type(obj).__name__}, which has no state_dict() method. Pass objects "
+                "with state_dict()/load_state_dict() (modules, optimizers, schedulers, engines) or wrap the value."
+            )
+
+
+def _check_writable(save_dir: str) -> None:
+    """Fail at construction, not at the first background write, if ``save_dir`` cannot take files."""
+    if not os.path.isdir(save_dir):
+        raise NotADirectoryError(f"save_dir={save_dir!r} exists but is not a directory; pass a directory path.")
+    probe = FileStorage.temp_path(os.path.join(save_dir, "probe"))
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise PermissionError(
+            f"save_dir={save_dir!r} is not writable ({exc.strerror}); fix its permissions or choose another directory."
+        ) from exc
+    os.close(fd)
+    os.unlink(probe)

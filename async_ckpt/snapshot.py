@@ -1,0 +1,513 @@
+"""Staging: turn a nested ``state_dict`` into a training-safe CPU copy held in reusable buffers.
+
+The training thread calls :meth:`Stager.stage` at the checkpoint event. Every tensor storage reachable from the
+state is copied once into a CPU buffer of the same byte size, and every tensor is rebuilt as a view of its buffer
+with the same dtype, offset, size and stride. Tensors that shared a storage (tied weights, views) therefore still
+share one in the copy, exactly as ``torch.save`` would write them. Non-tensor leaves are deep-copied.
+
+Buffers are grouped in *buffer sets*, one per snapshot in flight. A set is allocated once for a state layout (the
+byte sizes of its storages) and reused for every later save with the same layout, so a save costs one copy, not an
+allocation. When the state lives on a GPU the buffers are pinned and the copies run ``non_blocking`` on a side
+stream; :meth:`Staged.wait_ready` (called by the writer thread, never the training thread) waits for them.
+
+This module neither touches files nor starts threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+__all__ = ["Flat", "Staged", "Stager", "flatten", "unflatten"]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Placeholder for the ``index``-th tensor in a flattened tree."""
+
+    index: int
+
+
+@dataclass
+class Flat:
+    """A nested state split into a tensor-free skeleton and its tensors.
+
+    Attributes:
+        skeleton: the tree with every tensor replaced by a ``_Slot``; non-tensor leaves are deep copies.
+        tensors: the source tensors, in slot order.
+    """
+
+    skeleton: Any
+    tensors: list[torch.Tensor]
+
+    def fingerprint(self) -> bytes | None:
+        """Bytes that are equal for equal skeletons, or ``None`` when the skeleton cannot be pickled."""
+        try:
+            return pickle.dumps(self.skeleton, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            return None
+
+
+def flatten(tree: Any) -> Flat:
+    """Split ``tree`` into a skeleton and its tensors; non-tensor leaves are deep-copied.
+
+    Containers keep their type (``OrderedDict`` stays ``OrderedDict``) and their attributes (a module
+    ``state_dict``'s ``_metadata``), so the rebuilt tree pickles to what ``torch.save`` would have written.
+
+    Raises:
+        Exception: whatever ``copy.deepcopy`` raises for a leaf that cannot be copied.
+    """
+    tensors: list[torch.Tensor] = []
+    memo: dict[int, Any] = {}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, torch.Tensor):
+            tensors.append(node)
+            return _Slot(len(tensors) - 1)
+        if isinstance(node, dict):
+            out = copy.copy(node)  # keeps the dict subclass and shallow-copies its attributes
+            if hasattr(node, "__dict__"):
+                out.__dict__.update(copy.deepcopy(node.__dict__, memo))
+            for key, value in node.items():
+                out[key] = walk(value)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, tuple) and not hasattr(node, "_fields"):
+            return tuple(walk(v) for v in node)
+        if isinstance(node, tuple):  # namedtuple
+            return type(node)(*(walk(v) for v in node))
+        return copy.deepcopy(node, memo)
+
+    return Flat(walk(tree), tensors)
+
+
+def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
+    """Rebuild a tree from ``skeleton``, putting ``tensors[i]`` where ``_Slot(i)`` stands."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, _Slot):
+            return tensors[node.index]
+        if isinstance(node, dict):
+            out = copy.copy(node)
+            for key, value in node.items():
+                out[key] = walk(value)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        if isinstance(node, tuple) and not hasattr(node, "_fields"):
+            return tuple(walk(v) for v in node)
+        if isinstance(node, tuple):
+            return type(node)(*(walk(v) for v in node))
+        return node
+
+    return walk(skeleton)
+
+
+def _is_plain_strided(t: torch.Tensor) -> bool:
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and t.device.type != "meta"
+    )
+
+
+def _tensor_signature(tensors: Sequence[torch.Tensor]) -> tuple[Any, ...] | None:
+    """What must be unchanged for an earlier copy of ``tensors`` to still be exact (``None``: cannot tell)."""
+    sig = []
+    try:
+        for t in tensors:
+            sig.append(
+                (
+                    type(t),
+                    t.device,
+                    t.dtype,
+                    t.untyped_storage().data_ptr(),
+                    t.storage_offset(),
+                    tuple(t.shape),
+                    t.stride(),
+                    t._version,
+                    t.requires_grad,
+                )
+            )
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+    return tuple(sig)
+
+
+@dataclass
+class _Plan:
+    """How the tensors of one state map onto storages: computed on every stage, cheap."""
+
+    storages: list[torch.Tensor]  # uint8 view of each distinct source storage
+    owner: list[int]  # tensor index -> storage index, or -1 for a tensor cloned as a whole
+    layout: tuple[tuple[int, str], ...]  # (nbytes, source device type) per storage
+
+
+def _plan(tensors: Sequence[torch.Tensor]) -> _Plan:
+    storages: list[torch.Tensor] = []
+    index: dict[tuple[str, int, int], int] = {}
+    owner: list[int] = []
+    for t in tensors:
+        if not _is_plain_strided(t):
+            owner.append(-1)
+            continue
+        st = t.untyped_storage()
+        key = (str(t.device), st.data_ptr(), st.nbytes())
+        if st.nbytes() == 0 or key not in index:
+            index[key] = len(storages)
+            storages.append(torch.empty(0, dtype=torch.uint8, device=t.device).set_(st))
+        owner.append(index[key])
+    layout = tuple((s.numel(), s.device.type) for s in storages)
+    return _Plan(storages, owner, layout)
+
+
+class _BufferSet:
+    """Host buffers for one snapshot in flight, one per source storage, kept in a ``TensorDict``."""
+
+    def __init__(self, layout: tuple[tuple[int, str], ...], pin: bool) -> None:
+        self.layout = layout
+        self.pinned = pin
+        t0 = time.perf_counter()
+        self.buffers = TensorDict(
+            {str(i): torch.empty(n, dtype=torch.uint8, pin_memory=pin) for i, (n, _) in enumerate(layout)},
+            batch_size=[],
+        )
+        self.alloc_s = time.perf_counter() - t0
+        self.nbytes = sum(n for n, _ in layout)
+
+    def buffer(self, i: int) -> torch.Tensor:
+        out: torch.Tensor = self.buffers[str(i)]
+        return out
+
+
+@dataclass
+class Staged:
+    """A CPU copy of a state's tensors, valid until its last holder calls :meth:`release`.
+
+    Thread-safety: ``retain``/``release`` may be called from any thread; the views are read-only by contract.
+    """
+
+    views: list[torch.Tensor]
+    nbytes: int
+    signature: tuple[Any, ...] | None
+    copy_s: float
+    wait_s: float
+    alloc_s: float
+    _stager: Stager
+    _bufset: _BufferSet | None
+    _ready: Callable[[], None] | None = None
+    _guard: Callable[[], None] | None = None
+    _refs: int = 1
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def wait_ready(self) -> None:
+        """Block until asynchronous device copies into the buffers have finished (writer thread only)."""
+        if self._ready is not None:
+            self._ready()
+
+    def guard(self) -> None:
+        """Order a write of a deferred source tensor after its copy (training thread, overlap mode).
+
+        On CPU this waits for the background copy; on CUDA it makes the current stream wait on the copy's event,
+        without a CPU synchronization. A no-op when nothing was deferred or the copy already finished.
+        """
+        if self._guard is not None:
+            self._guard()
+
+    @property
+    def deferred(self) -> bool:
+        """Whether some copies of this snapshot may still be running after ``stage`` returned."""
+        return self._guard is not None
+
+    def retain(self) -> bool:
+        """Take another reference; ``False`` if the buffers were already returned to the pool."""
+        with self._lock:
+            if self._refs == 0:
+                return False
+            self._refs += 1
+            return True
+
+    def release(self) -> None:
+        """Drop a reference; the last one returns the buffers to the stager's pool."""
+        with self._lock:
+            self._refs -= 1
+            last = self._refs == 0
+        if last and self._bufset is not None:
+            self._stager._give_back(self._bufset)
+
+
+class Stager:
+    """Copies states into a bounded pool of reusable buffer sets.
+
+    At most ``max_pending`` snapshots hold buffers at once; :meth:`stage` waits (or, with ``block=False``,
+    returns ``None``) when all are taken. Thread-safety: :meth:`stage` is called from one training thread at a
+    time; buffers come back from the writer thread through :meth:`Staged.release`.
+
+    Args:
+        max_pending: buffer sets that may be in use at once.
+    """
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self._cond = threading.Condition()
+        self._free: list[_BufferSet] = []
+        self._in_use = 0
+        self._last: Staged | None = None
+        self._streams: dict[torch.device, Any] = {}
+        self.allocations = 0
+        self._held_bytes = 0
+
+    # -- pool -------------------------------------------------------------------------------------------------
+    def has_free_slot(self) -> bool:
+        """Whether a snapshot could be staged now without waiting for the writer."""
+        with self._cond:
+            return self._in_use < self.max_pending
+
+    def _take(self, layout: tuple[tuple[int, str], ...], pin: bool, block: bool) -> tuple[_BufferSet | None, float]:
+        t0 = time.perf_counter()
+        with self._cond:
+            while self._in_use >= self.max_pending:
+                if not block:
+                    return None, 0.0
+                self._cond.wait()
+            self._in_use += 1
+            match = next((b for b in self._free if b.layout == layout and b.pinned == pin), None)
+            if match is not None:
+                self._free.remove(match)
+            elif self._free and len(self._free) + self._in_use > self.max_pending:
+                # a set for another layout: drop it so memory stays bounded
+                self._held_bytes -= self._free.pop(0).nbytes
+        waited = time.perf_counter() - t0
+        if match is None:
+            match = _BufferSet(layout, pin)
+            with self._cond:
+                self.allocations += 1
+                self._held_bytes += match.nbytes
+        return match, waited
+
+    def _give_back(self, bufset: _BufferSet) -> None:
+        with self._cond:
+            self._in_use -= 1
+            self._free.append(bufset)
+            self._cond.notify_all()
+
+    def _reclaim(self, bufset: _BufferSet) -> bool:
+        """Take ``bufset`` out of the free list untouched, if it is there and a slot is free."""
+        with self._cond:
+            if bufset in self._free and self._in_use < self.max_pending:
+                self._free.remove(bufset)
+                self._in_use += 1
+                return True
+            return False
+
+    def memory_bytes(self) -> int:
+        """Bytes held by all buffer sets, free or in use (for telemetry and tests)."""
+        with self._cond:
+            return self._held_bytes
+
+    # -- staging ----------------------------------------------------------------------------------------------
+    def stage(
+        self,
+        tensors: Sequence[torch.Tensor],
+        *,
+        block: bool = True,
+        reuse: bool = True,
+        defer: Sequence[bool] | None = None,
+    ) -> Staged | None:
+        """Copy ``tensors`` into host buffers and return views of the copies.
+
+        Args:
+            tensors: source tensors, any device.
+            block: wait for a free buffer set when all ``max_pending`` are in flight; if ``False``, return
+                ``None`` instead.
+            reuse: if the previous snapshot is of exactly these, unchanged tensors (same storages, shapes and
+                version counters), return it again instead of copying.
+            defer: per tensor, whether its copy may finish after this call returns (overlap mode). A storage is
+                deferred only if every tensor on it is. Deferred copies run on a named background thread (CPU)
+                or on the side stream without holding back the compute stream (CUDA); the caller must make
+                every writer of those tensors wait for :meth:`Staged.guard` first.
+
+        Returns:
+            The staged copy (the caller owns one reference), or ``None`` when ``block`` is false and no buffer
+            set is free.
+        """
+        signature = _tensor_signature(tensors) if reuse else None
+        last = self._last
+        if signature is not None and last is not None and last.signature == signature:
+            if last.retain():
+                return last
+            if last._bufset is not None and self._reclaim(last._bufset):
+                again = Staged(
+                    last.views, last.nbytes, signature, 0.0, 0.0, 0.0, self, last._bufset, last._ready, last._guard
+                )
+                self._last = again
+                return again
+
+        plan = _plan(tensors)
+        late = [False] * len(plan.storages)
+        if defer is not None:
+            late = [True] * len(plan.storages)
+            for flag, o in zip(defer, plan.owner, strict=True):
+                if o >= 0 and not flag:
+                    late[o] = False
+        on_cuda = any(s.device.type == "cuda" for s in plan.storages)
+        pin = on_cuda and torch.cuda.is_available()
+        bufset, waited = self._take(plan.layout, pin, block)
+        if bufset is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            buffers = [bufset.buffer(i) for i in range(len(plan.storages))]
+            pairs = list(zip(plan.storages, buffers, late, strict=True))
+            ready, guard = self._copy(pairs)
+            views = list(self._views(tensors, plan, buffers))
+        except BaseException:
+            self._give_back(bufset)
+            raise
+        staged = Staged(
+            views=views,
+            nbytes=bufset.nbytes + sum(v.nbytes for v, o in zip(views, plan.owner, strict=True) if o < 0),
+            signature=signature,
+            copy_s=time.perf_counter() - t0,
+            wait_s=waited,
+            alloc_s=bufset.alloc_s,
+            _stager=self,
+            _bufset=bufset,
+            _ready=ready,
+            _guard=guard,
+        )
+        bufset.alloc_s = 0.0  # paid once
+        self._last = staged
+        return staged
+
+    @staticmethod
+    def _views(tensors: Sequence[torch.Tensor], plan: _Plan, buffers: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for t, o in zip(tensors, plan.owner, strict=True):
+            if o < 0:
+                yield t.detach().to("cpu", copy=True)
+                continue
+            v = torch.empty(0, dtype=t.dtype).set_(
+                buffers[o].untyped_storage(), t.storage_offset(), t.size(), t.stride()
+            )
+            if isinstance(t, torch.nn.Parameter):
+                v = torch.nn.Parameter(v, requires_grad=t.requires_grad)
+            elif t.requires_grad:
+                v.requires_grad_(True)
+            yield v
+
+    def _copy(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]]
+    ) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
+        """Copy every (source, buffer) pair; return (wait-for-all, guard-for-deferred) callables or ``None``."""
+        waits: list[Callable[[], None]] = []
+        guards: list[Callable[[], None]] = []
+        cuda_pairs = [p for p in pairs if p[0].device.type == "cuda"]
+        if cuda_pairs:
+            wait, guard = self._copy_cuda(cuda_pairs)
+            waits.append(wait)
+            if guard is not None:
+                guards.append(guard)
+        host_now = [(s, d) for s, d, late in pairs if s.device.type != "cuda" and not late]
+        host_late = [(s, d) for s, d, late in pairs if s.device.type != "cuda" and late]
+        for src, dst in host_now:
+            dst.copy_(src)
+        if host_late:
+            copier = _HostCopier(host_late)
+            waits.append(copier.wait)
+            guards.append(copier.wait)
+
+        def run_all(fns: list[Callable[[], None]]) -> Callable[[], None] | None:
+            if not fns:
+                return None
+
+            def call() -> None:
+                for fn in fns:
+                    fn()
+
+            return call
+
+        return run_all(waits), run_all(guards)
+
+    def _copy_cuda(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor, bool]]
+    ) -> tuple[Callable[[], None], Callable[[], None] | None]:
+        """Issue device-to-host copies on a side stream ordered after the compute stream.
+
+        The side stream first waits for the work already queued on each source device's current stream, so it
+        copies the values at the event; the sources are recorded on the side stream so the caching allocator
+        cannot hand their memory to someone else before the copy ran. For eager copies, the current stream then
+        waits for the copy-done event, so any later kernel that writes the sources runs after the copy, without
+        the CPU ever synchronizing. Deferred copies do not hold back the compute stream; the returned guard makes
+        the *then* current stream wait for them (called from the optimizer's step pre-hook).
+        """
+        done_events: list[torch.cuda.Event] = []
+        late_events: list[tuple[torch.device, torch.cuda.Event]] = []
+        for device in {s.device for s, _, _ in pairs}:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+                self._streams[device] = stream
+            compute = torch.cuda.current_stream(device)
+            stream.wait_stream(compute)
+            with torch.cuda.stream(stream):
+                for late_pass in (False, True):
+                    mine = [(s, d) for s, d, late in pairs if s.device == device and late == late_pass]
+                    if not mine:
+                        continue
+                    for src, dst in mine:
+                        dst.copy_(src, non_blocking=True)
+                        src.record_stream(stream)
+                    done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    done.record(stream)
+                    done_events.append(done)
+                    if late_pass:
+                        late_events.append((device, done))
+                    else:
+                        compute.wait_event(done)
+
+        def ready() -> None:
+            for e in done_events:
+                e.synchronize()
+
+        if not late_events:
+            return ready, None
+
+        def guard() -> None:
+            for device, e in late_events:
+                torch.cuda.current_stream(device).wait_event(e)
+
+        return ready, guard
+
+
+class _HostCopier:
+    """Copies host tensors on a named background thread; :meth:`wait` joins it and re-raises its error."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._pairs = pairs
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="async_ckpt-stage", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for src, dst in self._pairs:
+                dst.copy_(src)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._pairs = []
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error

@@ -1,0 +1,205 @@
+"""Durable files: bytes go to a temporary name, are fsynced, and only then appear under their final name.
+
+Invariant: a path that does not contain :data:`TMP_MARKER` is either absent or a complete file. Every write goes
+to ``<final>.async_ckpt-tmp-<pid>-<token>`` in the same directory (so ``os.replace`` is an atomic rename on the same
+file system, and the name never ends in ``.pt``), is flushed and fsynced, made group/other readable, renamed onto
+the final name, and then the directory is fsynced so the rename itself survives a power cut.
+
+This module knows nothing about queues, tensors or ignite.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+__all__ = ["TMP_MARKER", "FileStorage", "WriteTimes", "is_temp_name"]
+
+TMP_MARKER = ".async_ckpt-tmp-"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of our temporary files (and never a checkpoint)."""
+    return TMP_MARKER in os.path.basename(name)
+
+
+@dataclass
+class WriteTimes:
+    """Where the time of one durable write went, in seconds, and how many bytes were written."""
+
+    nbytes: int = 0
+    serialize_s: float = 0.0
+    write_s: float = 0.0
+    fsync_s: float = 0.0
+    total_s: float = 0.0
+
+
+class _TimedFile:
+    """A write-only file object that counts bytes and the time spent inside ``write``."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.nbytes = 0
+        self.write_s = 0.0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        t0 = time.perf_counter()
+        n = self._raw.write(data)
+        self.write_s += time.perf_counter() - t0
+        self.nbytes += n if n is not None else len(data)
+        return n if n is not None else len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def seekable(self) -> bool:
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+
+class FileStorage:
+    """Writes, links and removes files durably on a local (POSIX) file system.
+
+    Subclass it to inject faults or delays in tests: every system call goes through a small overridable method.
+
+    Args:
+        fsync: fsync files and directories; without it a crash can lose a checkpoint that was reported durable.
+    """
+
+    def __init__(self, fsync: bool = True) -> None:
+        self.fsync = fsync
+
+    # -- overridable primitives --------------------------------------------------------------------------------
+    def _fsync_fd(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def _replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def _link(self, src: str, dst: str) -> None:
+        os.link(src, dst)
+
+    def _unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def _open(self, path: str) -> BinaryIO:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        return os.fdopen(fd, "wb", buffering=1 << 20)
+
+    # -- operations --------------------------------------------------------------------------------------------
+    @staticmethod
+    def temp_path(final: str) -> str:
+        """A fresh temporary path beside ``final`` that can never be mistaken for a checkpoint."""
+        return f"{final}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+    def sync_dir(self, directory: str) -> None:
+        """fsync a directory so that renames and unlinks in it are durable."""
+        if not self.fsync:
+            return
+        fd = os.open(directory or ".", os.O_RDONLY)
+        try:
+            self._fsync_fd(fd)
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, path: str, produce: Callable[[BinaryIO], None]) -> WriteTimes:
+        """Create ``path`` with the bytes ``produce`` writes, atomically and durably.
+
+        Args:
+            path: the final file name.
+            produce: writes the content into the file object it is given.
+
+        Returns:
+            Timings and size of the write.
+
+        Raises:
+            OSError: or whatever ``produce`` raises; the temporary file is removed and ``path`` is untouched.
+        """
+        t0 = time.perf_counter()
+        tmp = self.temp_path(path)
+        times = WriteTimes()
+        try:
+            with self._open(tmp) as raw:
+                f = _TimedFile(raw)
+                produce(f)  # type: ignore[arg-type]
+                t1 = time.perf_counter()
+                raw.flush()
+                times.write_s = f.write_s + (time.perf_counter() - t1)
+                times.nbytes = f.nbytes
+                times.serialize_s = (t1 - t0) - f.write_s
+                t2 = time.perf_counter()
+                if self.fsync:
+                    self._fsync_fd(raw.fileno())
+                times.fsync_s = time.perf_counter() - t2
+            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
+            self._replace(tmp, path)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        t3 = time.perf_counter()
+        self.sync_dir(os.path.dirname(path))
+        times.fsync_s += time.perf_counter() - t3
+        times.total_s = time.perf_counter() - t0
+        return times
+
+    def link_atomic(self, src: str, dst: str) -> WriteTimes:
+        """Make ``dst`` a durable second name of the complete file ``src`` (hard link, or a copy where links fail).
+
+        Raises:
+            OSError: ``src`` is missing or neither a link nor a copy could be made; ``dst`` is untouched.
+        """
+        t0 = time.perf_counter()
+        tmp = self.temp_path(dst)
+        try:
+            self._link(src, tmp)
+        except OSError:
+            if not os.path.exists(src):
+                raise
+            return self.write_atomic(dst, lambda f: _copy_into(src, f))
+        try:
+            self._replace(tmp, dst)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        self.sync_dir(os.path.dirname(dst))
+        return WriteTimes(nbytes=0, total_s=time.perf_counter() - t0)
+
+    def remove(self, path: str) -> bool:
+        """Remove ``path`` durably; a file that is already gone is not an error.
+
+        Returns:
+            Whether a file was removed.
+        """
+        try:
+            self._unlink(path)
+        except FileNotFoundError:
+            return False
+        self.sync_dir(os.path.dirname(path))
+        return True
+
+    def _discard(self, tmp: str) -> None:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        except OSError:  # the original error matters more than a leftover temp file
+            pass
+
+
+def _copy_into(src: str, f: BinaryIO) -> None:
+    with open(src, "rb") as r:
+        while chunk := r.read(1 << 22):
+            f.write(chunk)

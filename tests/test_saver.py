@@ -1,0 +1,236 @@
+"""AsyncCheckpointSaver behaviour beyond MONAI parity: snapshot at the event, dedup, flushes, telemetry."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, BinaryIO
+
+import pytest
+import torch
+from ignite.engine import Engine, Events
+
+import async_ckpt
+from async_ckpt import AsyncCheckpointSaver
+from async_ckpt.storage import FileStorage
+from async_ckpt.writer import worker_alive
+from tests.conftest import clone_tree, make_training, trees_equal
+
+
+def _load(path: str) -> Any:
+    return torch.load(path, weights_only=True)
+
+
+def _mutate_everything(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    with torch.no_grad():
+        for t in list(net.parameters()) + list(net.buffers()):
+            t.add_(1)
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    v.add_(1)
+    opt.param_groups[0]["lr"] = 42.0
+
+
+def _step_again(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    """What overlap mode guards: a forward (BatchNorm statistics) and an optimizer step (parameters, state)."""
+    opt.zero_grad()
+    net(torch.randn(4, 4)).pow(2).mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(("mode", "mutate"), [("eager", _mutate_everything), ("overlap", _step_again)])
+def test_file_holds_the_state_at_the_event(tmp_path: os.PathLike[str], mode: str, mutate: Any) -> None:
+    """State changed right after the event (eager: any in-place write; overlap: forward + step) leaves the file as is."""
+    tr = make_training(batches=2)
+    expected: dict[int, Any] = {}
+
+    @tr.engine.on(Events.ITERATION_COMPLETED)
+    def _reference(engine: Engine) -> None:  # registered before the saver: runs first
+        expected[engine.state.iteration] = clone_tree({"net": tr.net.state_dict(), "opt": tr.opt.state_dict()})
+
+    with AsyncCheckpointSaver(
+        str(tmp_path), tr.save_dict, save_interval=1, epoch_level=False, snapshot_mode=mode
+    ) as saver:
+        saver.attach(tr.engine)
+
+        @tr.engine.on(Events.ITERATION_COMPLETED)
+        def _vandal(engine: Engine) -> None:  # runs right after the saver returned
+            mutate(tr.net, tr.opt)
+
+        tr.engine.run(tr.data, max_epochs=2)
+    for it, state in expected.items():
+        assert trees_equal(_load(os.path.join(tmp_path, f"checkpoint_iteration={it}.pt")), state), it
+
+
+def test_overlap_mode_writes_the_same_files_as_eager(tmp_path: os.PathLike[str]) -> None:
+    """Overlap staging, where the optimizer step waits for the copy, produces the files eager staging produces."""
+    outs = {}
+    for mode in ("eager", "overlap"):
+        tr = make_training(seed=3)
+        d = os.path.join(tmp_path, mode)
+        with AsyncCheckpointSaver(d, tr.save_dict, save_interval=1, epoch_level=False, snapshot_mode=mode) as s:
+            s.attach(tr.engine)
+            tr.engine.run(tr.data, max_epochs=3)
+        outs[mode] = {f: _load(os.path.join(d, f)) for f in sorted(os.listdir(d))}
+    assert outs["eager"].keys() == outs["overlap"].keys() and len(outs["eager"]) == 9
+    assert all(trees_equal(outs["eager"][f], outs["overlap"][f]) for f in outs["eager"])
+
+
+def test_same_event_is_staged_and_serialized_once(tmp_path: os.PathLike[str]) -> None:
+    """Final, key-metric and interval checkpoints of one unchanged state share one snapshot and one write."""
+    tr = make_training(metrics=(0.5,))
+    with AsyncCheckpointSaver(
+        str(tmp_path), tr.save_dict, save_final=True, save_key_metric=True, key_metric_name="acc", save_interval=1
+    ) as saver:
+        saver.attach(tr.engine)
+        tr.engine.run(tr.data, max_epochs=1)
+    saves = saver.stats.saves
+    assert [s.reason for s in saves] == ["key_metric", "interval", "final"]
+    assert [s.linked for s in saves] == [False, True, True]
+    assert [s.reused_snapshot for s in saves] == [False, True, True]
+    files = sorted(os.listdir(tmp_path))
+    inodes = {os.stat(os.path.join(tmp_path, f)).st_ino for f in files}
+    assert len(files) == 3 and len(inodes) == 1
+
+
+def test_changed_state_between_events_is_not_deduplicated(tmp_path: os.PathLike[str]) -> None:
+    """A handler that changes the state between the epoch's saves and COMPLETED gets a freshly copied final file."""
+    tr = make_training(metrics=(0.5,))
+    with AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_final=True, save_interval=1) as saver:
+        saver.attach(tr.engine)
+        tr.engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: _mutate_everything(tr.net, tr.opt))
+        tr.engine.run(tr.data, max_epochs=1)
+    final = _load(os.path.join(tmp_path, "checkpoint_final_iteration=3.pt"))
+    interval = _load(os.path.join(tmp_path, "checkpoint_epoch=1.pt"))
+    assert final["opt"]["param_groups"][0]["lr"] == 42.0 and interval["opt"]["param_groups"][0]["lr"] != 42.0
+    assert not torch.equal(final["net"]["0.weight"], interval["net"]["0.weight"])
+    assert trees_equal(final, {"net": tr.net.state_dict(), "opt": tr.opt.state_dict()})
+
+
+def test_key_metric_with_save_state_is_its_own_file(tmp_path: os.PathLike[str]) -> None:
+    """A key-metric file that also stores the tracking list is serialized separately (its content differs)."""
+    tr = make_training(metrics=(0.5,))
+    with AsyncCheckpointSaver(
+        str(tmp_path),
+        tr.save_dict,
+        save_key_metric=True,
+        key_metric_name="acc",
+        key_metric_save_state=True,
+        save_interval=1,
+    ) as saver:
+        saver.attach(tr.engine)
+        tr.engine.run(tr.data, max_epochs=1)
+    assert [s.linked for s in saver.stats.saves] == [False, False]
+    assert [s.reused_snapshot for s in saver.stats.saves] == [False, True]
+    best = _load(os.path.join(tmp_path, "checkpoint_key_metric=0.5000.pt"))
+    assert best["checkpointer"]["_saved"] == [(0.5, "checkpoint_key_metric=0.5000.pt")]
+
+
+class GatedStorage(FileStorage):
+    """Holds every write until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self.gate = threading.Event()
+
+    def _open(self, path: str) -> BinaryIO:
+        assert self.gate.wait(timeout=60), "gate never opened"
+        return super()._open(path)
+
+
+def test_evaluator_saver_does_not_make_the_trainer_wait(tmp_path: os.PathLike[str]) -> None:
+    """A key-metric saver on an evaluator run every epoch lets the trainer go on; trainer.run() flushes it."""
+    tr = make_training(batches=2)
+    evaluator = Engine(lambda e, b: None)
+    scores = iter([0.3, 0.6])
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _score(e: Engine) -> None:
+        e.state.metrics["acc"] = next(scores)
+
+    storage = GatedStorage()
+    saver = AsyncCheckpointSaver(
+        str(tmp_path), tr.save_dict, save_key_metric=True, key_metric_name="acc", key_metric_n_saved=2, storage=storage
+    )
+    saver.attach(evaluator)
+    pending_seen: list[int] = []
+    tr.engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+
+    @tr.engine.on(Events.EPOCH_COMPLETED)
+    def _check(e: Engine) -> None:
+        pending_seen.append(saver._pipeline.client.pending)
+        if e.state.epoch == 2:
+            storage.gate.set()
+
+    tr.engine.run(tr.data, max_epochs=2)
+    assert pending_seen == [1, 2]  # both best-model writes were still queued while training went on
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_key_metric=0.3000.pt", "checkpoint_key_metric=0.6000.pt"]
+    assert saver._pipeline.client.pending == 0
+    saver.close()
+
+
+def test_run_returns_with_every_checkpoint_durable(tmp_path: os.PathLike[str]) -> None:
+    """When trainer.run() returns, every checkpoint of the run has been written (flush at COMPLETED)."""
+    tr = make_training()
+    saver = AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1, epoch_level=False, n_saved=None)
+    saver.attach(tr.engine)
+    tr.engine.run(tr.data, max_epochs=2)
+    assert saver._pipeline.client.pending == 0
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".pt")]) == 6
+    saver.close()
+    assert not worker_alive()
+
+
+def test_telemetry_records_each_save(tmp_path: os.PathLike[str]) -> None:
+    """Each durable save reports blocking, snapshot, bytes, serialize/write/fsync and durable times."""
+    tr = make_training()
+    with AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1) as saver:
+        saver.attach(tr.engine)
+        tr.engine.run(tr.data, max_epochs=2)
+    saves = saver.stats.saves
+    assert len(saves) == 2 and all(s.ok for s in saves)
+    for s in saves:
+        assert s.nbytes == os.path.getsize(s.path)
+        assert 0 < s.blocking_s <= s.durable_s and s.snapshot_s > 0 and s.fsync_s > 0 and s.throughput_mib_s > 0
+    summary = saver.stats.summary()
+    assert summary["saves"] == 2 and summary["failed"] == 0 and summary["bytes"] == sum(s.nbytes for s in saves)
+
+
+def test_info_line_per_durable_save(tmp_path: os.PathLike[str], caplog: pytest.LogCaptureFixture) -> None:
+    """A one-line info summary is logged for each durable save, through the saver's logger."""
+    tr = make_training()
+    with AsyncCheckpointSaver(str(tmp_path), tr.save_dict, name="ckpt-test", save_interval=1) as saver:
+        saver.attach(tr.engine)
+        with caplog.at_level("INFO", logger="ckpt-test"):
+            tr.engine.run(tr.data, max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ckpt-test" and "durable in" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint_epoch=1.pt" in lines[0] and "training blocked" in lines[0]
+
+
+def test_close_is_idempotent_and_refuses_new_saves(tmp_path: os.PathLike[str]) -> None:
+    """close() can be called twice; a save after it raises WriterClosedError instead of being lost."""
+    tr = make_training()
+    saver = AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1)
+    saver.attach(tr.engine)
+    saver.close()
+    saver.close()
+    with pytest.raises(async_ckpt.WriterClosedError):
+        tr.engine.run(tr.data, max_epochs=1)
+
+
+def test_public_api_is_pinned() -> None:
+    """The package exports exactly this small surface."""
+    assert sorted(async_ckpt.__all__) == [
+        "AsyncCheckpointError",
+        "AsyncCheckpointSaver",
+        "AsyncOptions",
+        "CheckpointWriteError",
+        "FileStorage",
+        "SaveStats",
+        "SnapshotError",
+        "WriterClosedError",
+        "__version__",
+    ]
+    for name in async_ckpt.__all__:
+        assert getattr(async_ckpt, name) is not None

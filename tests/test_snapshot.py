@@ -1,0 +1,206 @@
+"""Staging into reusable buffers: exact copies, preserved sharing and layout, bounded memory."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from async_ckpt.snapshot import Stager, flatten, unflatten
+from tests.conftest import clone_tree, trees_equal
+
+
+def _stage_tree(stager: Stager, tree: object, **kwargs: object) -> tuple[object, object]:
+    flat = flatten(tree)
+    staged = stager.stage(flat.tensors, **kwargs)  # type: ignore[arg-type]
+    assert staged is not None
+    return unflatten(flat.skeleton, staged.views), staged
+
+
+def _roundtrip(obj: object) -> object:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+_leaf = st.one_of(
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.booleans(),
+    st.none(),
+    st.builds(lambda n: torch.arange(n, dtype=torch.float32), st.integers(0, 7)),
+    st.builds(lambda n: torch.ones(n, dtype=torch.int64), st.integers(0, 4)),
+)
+_trees = st.recursive(
+    _leaf,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(0, 9)), children, max_size=4),
+        st.tuples(children, children),
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_trees)
+def test_flatten_unflatten_roundtrip(tree: object) -> None:
+    """Any nested tree of containers, plain values and tensors is rebuilt equal from its skeleton and tensors."""
+    flat = flatten(tree)
+    assert trees_equal(unflatten(flat.skeleton, flat.tensors), tree)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_trees)
+def test_staged_tree_saves_like_the_original(tree: object) -> None:
+    """A staged copy serializes to what torch.save of the original state would load as."""
+    stager = Stager(max_pending=1)
+    staged_tree, staged = _stage_tree(stager, tree)
+    assert trees_equal(_roundtrip(staged_tree), _roundtrip(tree))
+    staged.release()  # type: ignore[attr-defined]
+
+
+def test_copy_is_immune_to_in_place_updates() -> None:
+    """After stage() returns, in-place writes to parameters, buffers and optimizer state do not reach the copy."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"net": net.state_dict(), "opt": opt.state_dict()}
+    expected = clone_tree(state)
+    copy, staged = _stage_tree(Stager(1), state)
+    with torch.no_grad():
+        for t in flatten(state).tensors:
+            t.add_(1) if t.dtype != torch.bool else t.logical_not_()
+    state["opt"]["param_groups"][0]["lr"] = 123.0
+    assert trees_equal(copy, expected)
+    staged.release()  # type: ignore[attr-defined]
+
+
+def test_tied_weights_and_views_keep_sharing_storage() -> None:
+    """Tensors that share a storage in the state share one in the copy and in the saved file, as with torch.save."""
+    base = torch.arange(12, dtype=torch.float32)
+    tree = {"a": base, "tied": base, "view": base[2:8].view(2, 3), "t": base.view(3, 4).t()}
+    copy, staged = _stage_tree(Stager(1), tree)
+    assert copy["a"].untyped_storage().data_ptr() == copy["tied"].untyped_storage().data_ptr()  # type: ignore[index]
+    assert copy["view"].untyped_storage().data_ptr() == copy["a"].untyped_storage().data_ptr()  # type: ignore[index]
+    loaded = _roundtrip(copy)
+    assert trees_equal(loaded, _roundtrip(tree))
+    loaded["a"][0] = 99  # type: ignore[index]
+    assert loaded["tied"][0] == 99 and loaded["t"][0, 0] == 99  # type: ignore[index]
+    staged.release()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.arange(20, dtype=torch.int64).view(4, 5).t(),
+        torch.tensor([True, False, True]),
+        torch.randn(3, 4).to(torch.bfloat16),
+        torch.randn(6, 6)[1:5:2, ::3],
+        torch.tensor(7, dtype=torch.int64),
+        torch.empty(0, 3),
+    ],
+    ids=["noncontig-int64", "bool", "bf16", "strided-offset", "scalar-step", "empty"],
+)
+def test_dtypes_and_layouts_survive_exactly(tensor: torch.Tensor) -> None:
+    """Non-contiguous, offset, integer, bool, bf16, 0-d and empty tensors keep dtype, stride, offset and values."""
+    copy, staged = _stage_tree(Stager(1), {"x": tensor})
+    out = copy["x"]  # type: ignore[index]
+    assert out.dtype == tensor.dtype and out.stride() == tensor.stride()
+    assert out.storage_offset() == tensor.storage_offset() and torch.equal(out, tensor)
+    assert out.untyped_storage().data_ptr() != tensor.untyped_storage().data_ptr() or tensor.numel() == 0
+    staged.release()  # type: ignore[attr-defined]
+
+
+def test_parameters_and_metadata_are_kept() -> None:
+    """Parameters stay Parameters, requires_grad is kept, and a module state_dict keeps its _metadata."""
+    net = torch.nn.Linear(2, 2)
+    tree = {"sd": net.state_dict(), "p": net.weight}
+    copy, staged = _stage_tree(Stager(1), tree)
+    assert isinstance(copy["p"], torch.nn.Parameter) and copy["p"].requires_grad  # type: ignore[index]
+    assert isinstance(copy["sd"], OrderedDict) and copy["sd"]._metadata == tree["sd"]._metadata  # type: ignore[index,attr-defined]
+    staged.release()  # type: ignore[attr-defined]
+
+
+def test_buffers_are_reused_and_memory_is_bounded() -> None:
+    """A hundred saves of one layout allocate at most max_pending buffer sets and hold constant memory."""
+    stager = Stager(max_pending=2)
+    src = [torch.randn(1000), torch.randn(10, 10)]
+    held = set()
+    for i in range(100):
+        src[0].add_(1)  # a new version: no reuse of the previous snapshot
+        staged = stager.stage(src)
+        assert staged is not None and torch.equal(staged.views[0], src[0])
+        held.add(stager.memory_bytes())
+        staged.release()
+        assert i < 1 or stager.allocations <= 2
+    assert stager.allocations <= 2 and len(held) == 1
+
+
+def test_full_pool_blocks_or_reports_none() -> None:
+    """With every buffer set in flight, a non-blocking stage returns None and a blocking one waits for a release."""
+    stager = Stager(max_pending=1)
+    x = torch.zeros(8)
+    first = stager.stage([x])
+    assert first is not None and not stager.has_free_slot()
+    x.add_(1)
+    assert stager.stage([x], block=False) is None
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(stager.stage([x])))
+    t.start()
+    first.release()
+    t.join(timeout=10)
+    assert not t.is_alive() and got and torch.equal(got[0].views[0], x)  # type: ignore[attr-defined]
+    got[0].release()  # type: ignore[attr-defined]
+
+
+def test_unchanged_state_is_staged_once() -> None:
+    """Staging the same unchanged tensors again reuses the copy; an in-place change forces a new one."""
+    stager = Stager(max_pending=2)
+    x = torch.zeros(8)
+    a = stager.stage([x])
+    b = stager.stage([x])
+    assert a is not None and b is not None and b.views is a.views and stager.allocations == 1
+    a.release()
+    b.release()
+    c = stager.stage([x])  # released but untouched: taken back without a copy
+    assert c is not None and c.views is a.views
+    x.add_(1)
+    d = stager.stage([x])
+    assert d is not None and d.views is not a.views and torch.equal(d.views[0], x)
+    c.release()
+    d.release()
+
+
+def test_deferred_copy_is_ordered_before_guarded_writes() -> None:
+    """In overlap mode the copy may finish late, but a write issued after guard() never reaches it."""
+    stager = Stager(max_pending=1)
+    src = [torch.randn(1 << 16) for _ in range(8)]
+    expected = [t.clone() for t in src]
+    staged = stager.stage(src, defer=[True] * len(src))
+    assert staged is not None and staged.deferred
+    staged.guard()
+    for t in src:
+        t.mul_(0)
+    staged.wait_ready()
+    assert all(torch.equal(v, e) for v, e in zip(staged.views, expected))
+    staged.release()
+
+
+def test_mixed_deferral_copies_shared_storage_eagerly() -> None:
+    """A storage is deferred only if every tensor on it is; eager ones are copied before stage() returns."""
+    stager = Stager(max_pending=1)
+    base = torch.arange(10.0)
+    staged = stager.stage([base, base[2:4]], defer=[True, False])
+    assert staged is not None and not staged.deferred
+    base.zero_()
+    assert torch.equal(staged.views[0], torch.arange(10.0))
+    staged.release()

@@ -1,0 +1,134 @@
+"""The shared background writer: FIFO order, deferred evictions, error latch, lifecycle."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import BinaryIO
+
+import pytest
+
+from async_ckpt.errors import WriterClosedError
+from async_ckpt.storage import FileStorage
+from async_ckpt.writer import WriteJob, WriterClient, worker_alive
+
+
+class GatedStorage(FileStorage):
+    """Blocks every write until ``gate`` is set, and records the order of finished writes."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.order: list[str] = []
+
+    def _open(self, path: str) -> BinaryIO:
+        self.entered.set()
+        assert self.gate.wait(timeout=30), "test gate never opened"
+        return super()._open(path)
+
+    def _replace(self, src: str, dst: str) -> None:
+        super()._replace(src, dst)
+        self.order.append(os.path.basename(dst))
+
+
+def _job(path: str, data: bytes = b"x", **kw: object) -> WriteJob:
+    return WriteJob(path, lambda f: f.write(data), **kw)  # type: ignore[arg-type]
+
+
+def test_jobs_of_all_clients_run_in_fifo_order(tmp_path: os.PathLike[str]) -> None:
+    """Jobs from two clients are written strictly in submission order by the one worker."""
+    storage = GatedStorage()
+    a, b = WriterClient(storage), WriterClient(storage)
+    names = [f"{i}.pt" for i in range(6)]
+    for i, name in enumerate(names):
+        (a if i % 2 else b).submit(_job(os.path.join(tmp_path, name)))
+    storage.gate.set()
+    assert a.close(timeout=30) and b.close(timeout=30)
+    assert storage.order == names
+
+
+def test_eviction_waits_for_the_replacement(tmp_path: os.PathLike[str]) -> None:
+    """A removal attached to a write runs only after that write is durable, and never if it fails."""
+    old = os.path.join(tmp_path, "old.pt")
+    open(old, "wb").write(b"old")
+    storage = GatedStorage()
+    client = WriterClient(storage)
+    client.submit(_job(os.path.join(tmp_path, "new.pt"), removes=[old]))
+    assert storage.entered.wait(timeout=30)
+    assert os.path.exists(old)  # the replacement is being written: the old file must still be there
+    storage.gate.set()
+    assert client.wait(timeout=30)
+    assert not os.path.exists(old)
+
+    def fail(f: BinaryIO) -> None:
+        raise OSError("disk on fire")
+
+    keep = os.path.join(tmp_path, "new.pt")
+    client.submit(WriteJob(os.path.join(tmp_path, "newer.pt"), fail, removes=[keep]))
+    assert client.wait(timeout=30)
+    failures = client.take_failures()
+    assert [f.job.path for f in failures] == [os.path.join(tmp_path, "newer.pt")]
+    assert os.path.exists(keep) and not os.path.exists(os.path.join(tmp_path, "newer.pt"))
+    assert client.take_failures() == []  # reported once
+    client.close()
+
+
+def test_link_job_reuses_a_durable_file(tmp_path: os.PathLike[str]) -> None:
+    """A job linked to an earlier identical job becomes a hard link of its file instead of a second write."""
+    client = WriterClient(FileStorage(fsync=False))
+    first = _job(os.path.join(tmp_path, "a.pt"), b"same")
+    second = WriteJob(os.path.join(tmp_path, "b.pt"), None, link_from=first)
+    client.submit(first)
+    client.submit(second)
+    assert client.close(timeout=30)
+    assert second.result is not None and second.result.linked
+    assert os.stat(os.path.join(tmp_path, "a.pt")).st_ino == os.stat(os.path.join(tmp_path, "b.pt")).st_ino
+
+
+def test_link_without_a_source_file_is_reported(tmp_path: os.PathLike[str]) -> None:
+    """If the file to link from failed and there is nothing to serialize, the job fails loudly."""
+
+    def fail(f: BinaryIO) -> None:
+        raise OSError("nope")
+
+    client = WriterClient(FileStorage(fsync=False))
+    first = WriteJob(os.path.join(tmp_path, "a.pt"), fail)
+    client.submit(first)
+    client.submit(WriteJob(os.path.join(tmp_path, "b.pt"), None, link_from=first))
+    assert client.close(timeout=30)
+    assert [os.path.basename(f.job.path) for f in client.take_failures()] == ["a.pt", "b.pt"]
+
+
+def test_wait_times_out_while_blocked_and_close_joins(tmp_path: os.PathLike[str]) -> None:
+    """wait() reports a timeout instead of hanging, and after close() no writer thread is left."""
+    storage = GatedStorage()
+    client = WriterClient(storage)
+    client.submit(_job(os.path.join(tmp_path, "a.pt")))
+    assert storage.entered.wait(timeout=30)
+    assert client.wait(timeout=0.05) is False and client.pending == 1
+    storage.gate.set()
+    assert client.close(timeout=30)
+    assert not worker_alive()
+    client.close()  # idempotent
+
+
+def test_submit_after_close_is_refused(tmp_path: os.PathLike[str]) -> None:
+    """A closed client refuses new work with a clear error."""
+    client = WriterClient(FileStorage(fsync=False))
+    client.close()
+    with pytest.raises(WriterClosedError, match="closed"):
+        client.submit(_job(os.path.join(tmp_path, "a.pt")))
+
+
+def test_failure_in_on_done_is_reported(tmp_path: os.PathLike[str]) -> None:
+    """An exception in a completion callback is not lost: it is reported as a failure of its job."""
+
+    def boom(result: object) -> None:
+        raise ValueError("callback bug")
+
+    client = WriterClient(FileStorage(fsync=False))
+    client.submit(_job(os.path.join(tmp_path, "a.pt"), on_done=boom))
+    assert client.close(timeout=30)
+    (failure,) = client.take_failures()
+    assert isinstance(failure.error, ValueError)

@@ -26,6 +26,8 @@ class AsyncOptions:
             for the copy (see docs/design.md).
         dedup: when several of the saver's checkpoints are due for the same unchanged state (final, key metric,
             interval), stage and serialize it once and hard-link the other names.
+        manifest: record each durable file (size, checksum, step, score, reason) in the directory's
+            ``.async_ckpt_manifest.json`` so it can be verified and resumed from.
         exit_timeout: seconds the interpreter-exit hook waits for pending writes before it reports the ones it
             could not finish (``None``: wait as long as it takes).
     """
@@ -35,6 +37,7 @@ class AsyncOptions:
     fsync: bool = True
     snapshot_mode: SnapshotMode = "eager"
     dedup: bool = True
+    manifest: bool = True
     exit_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ import torch
 from ignite.handlers import DiskSaver
 
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
+from async_ckpt.integrity import entry_for, update_manifest
 from async_ckpt.options import AsyncOptions
 from async_ckpt.serialize import serialize
 from async_ckpt.snapshot import Staged, Stager, flatten, unflatten
@@ -76,7 +77,9 @@ class SavePipeline:
         set_exit_timeout(options.exit_timeout)
 
     # -- the training-thread path --------------------------------------------------------------------------------
-    def save(self, checkpoint: Any, path: str, removes: list[str], reason: str) -> WriteJob:
+    def save(
+        self, checkpoint: Any, path: str, removes: list[str], reason: str, info: dict[str, Any] | None = None
+    ) -> WriteJob:
         """Stage ``checkpoint`` and queue it to become ``path``; queue ``removes`` to run once it is durable.
 
         Returns when the checkpoint is training-safe: in eager mode every tensor has been copied; in overlap mode
@@ -119,6 +122,13 @@ class SavePipeline:
         def done(result: JobResult) -> None:
             staged.release()
             self._record(path, reason, result, t0, blocking, staged, reused)
+            if result.ok and self.options.manifest:
+                update_manifest(
+                    self.client.storage,
+                    os.path.dirname(path),
+                    {os.path.basename(path): entry_for(path, {"reason": reason, **(info or {})})},
+                    [os.path.basename(p) for p in result.removed],
+                )
 
         job = WriteJob(path, produce, link_from=link_from, removes=removes, before=staged.wait_ready, on_done=done)
         try:
@@ -263,6 +273,7 @@ class AsyncSaveHandler(DiskSaver):
         self._pipeline = pipeline
         self._removes: list[str] = []
         self.last_job: WriteJob | None = None
+        self.context: dict[str, Any] = {}
 
     def path_for(self, filename: str) -> str:
         """The final path a file name given by ignite maps to."""
@@ -273,10 +284,13 @@ class AsyncSaveHandler(DiskSaver):
             self._removes.clear()
             return
         path = self.path_for(filename)
+        info = {**self.context}
+        if metadata is not None:
+            info.update(score=metadata.get("priority"), score_name=metadata.get("score_name"))
         # Removing the name being rewritten would open a window with no file: the atomic replace covers it.
         removes = [p for p in self._removes if p != path]
         self._removes = []
-        self.last_job = self._pipeline.save(checkpoint, path, removes, self.reason)
+        self.last_job = self._pipeline.save(checkpoint, path, removes, self.reason, info)
 
     def remove(self, filename: str) -> None:
         if idist.get_rank() != self.save_on_rank:

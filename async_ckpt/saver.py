@@ -24,6 +24,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
+from async_ckpt.preemption import PreemptionGuard
+from async_ckpt.resume import remove_stale_temp_files, saved_items
 from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, failure_to_error
 from async_ckpt.storage import FileStorage
 
@@ -84,7 +86,14 @@ class AsyncCheckpointSaver:
         snapshot_mode: ``"eager"`` (default) copies everything at the event; ``"overlap"`` copies parameters and
             optimizer state while the next step runs, and the optimizers' ``step()`` waits for the copy.
         dedup: stage and serialize once when several checkpoints are due for the same unchanged state.
+        manifest: keep ``.async_ckpt_manifest.json`` (size, checksum, step, score, reason per durable file).
         exit_timeout: seconds the interpreter-exit hook waits for pending writes (``None``: unbounded).
+        resume: rebuild the interval, key-metric and final retention lists from the files an earlier run
+            recorded in ``save_dir``'s manifest, so ``n_saved`` pruning continues across restarts.
+        preempt_signal: a signal (e.g. ``signal.SIGTERM``, or ``signal.SIGUSR1`` for SLURM) that makes the saver
+            write the final checkpoint at the end of the current iteration, flush, and then hand the signal to the
+            previous handler. Requires ``save_final=True``; installed at ``attach`` from the main thread.
+        preempt_grace_s: seconds to wait for pending writes after a preemption signal.
         storage: file operations (a :class:`~async_ckpt.storage.FileStorage` subclass); for tests and
             special file systems.
 
@@ -120,7 +129,11 @@ class AsyncCheckpointSaver:
         fsync: bool = True,
         snapshot_mode: SnapshotMode = "eager",
         dedup: bool = True,
+        manifest: bool = True,
         exit_timeout: float | None = 600.0,
+        resume: bool = False,
+        preempt_signal: int | None = None,
+        preempt_grace_s: float = 60.0,
         storage: FileStorage | None = None,
     ) -> None:
         if save_dir is None:
@@ -135,6 +148,7 @@ class AsyncCheckpointSaver:
             fsync=fsync,
             snapshot_mode=snapshot_mode,
             dedup=dedup,
+            manifest=manifest,
             exit_timeout=exit_timeout,
         )
         self.logger = logging.getLogger(name)
@@ -219,6 +233,17 @@ class AsyncCheckpointSaver:
             )
         if self._handlers:
             _check_writable(str(save_dir))
+        if preempt_signal is not None and self._final_checkpoint is None:
+            raise ValueError(
+                f"preempt_signal={preempt_signal!r} writes the final checkpoint on the signal; pass save_final=True."
+            )
+        self._preemption = (
+            PreemptionGuard(self._save_on_preemption, self._flush_for, preempt_signal, preempt_grace_s)
+            if preempt_signal is not None
+            else None
+        )
+        if resume:
+            self._resume_from_disk(file_prefix)
 
     def _checkpoint(self, filename: str | None, reason: str, **kwargs: Any) -> Checkpoint:
         handler = AsyncSaveHandler(self._pipeline, self.save_dir, filename=filename, reason=reason)
@@ -253,6 +278,11 @@ class AsyncCheckpointSaver:
                 engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.interval_completed)
         if self._handlers:
             engine.add_event_handler(Events.COMPLETED, self._run_completed)
+            removed = remove_stale_temp_files(str(self.save_dir))
+            if removed:
+                self.logger.info(f"async_ckpt: removed {len(removed)} temporary file(s) of an interrupted run")
+        if self._preemption is not None:
+            self._preemption.install(engine)
 
     def _delete_previous_final_ckpt(self) -> None:
         if self._final_checkpoint is not None:
@@ -332,6 +362,8 @@ class AsyncCheckpointSaver:
         if self._closed:
             return
         self._closed = True
+        if self._preemption is not None:
+            self._preemption.uninstall()
         self._pipeline.close()
         self.raise_pending()
 
@@ -359,6 +391,7 @@ class AsyncCheckpointSaver:
         handler = self._handlers[id(checkpoint)]
         before = list(checkpoint._saved)
         handler.last_job = None
+        handler.context = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
         try:
             checkpoint(engine)
         except BaseException:
@@ -373,11 +406,35 @@ class AsyncCheckpointSaver:
     def _roll_back(self, failure: Failure) -> None:
         if failure.stage == "remove" or not isinstance(failure.job.tag, tuple):
             return
+        if failure.job.result is not None and failure.job.result.ok:  # the file itself is durable
+            return
         checkpoint, added, evicted = failure.job.tag
         handler = self._handlers[id(checkpoint)]
         kept = [it for it in checkpoint._saved if it not in added]
         back = [it for it in evicted if os.path.exists(handler.path_for(it.filename)) and it not in kept]
         checkpoint._saved = sorted(kept + back, key=lambda it: it[0])
+
+    def _save_on_preemption(self, engine: Engine) -> None:
+        assert self._final_checkpoint is not None
+        self._delete_previous_final_ckpt()
+        self._save(self._final_checkpoint, engine)
+        self.logger.info(f"Preempted, saved the last checkpoint: {self._final_path()}")
+
+    def _flush_for(self, seconds: float) -> bool:
+        return self._pipeline.wait(seconds)
+
+    def _resume_from_disk(self, file_prefix: str) -> None:
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is None:
+                continue
+            handler = self._handlers[id(checkpoint)]
+            prefix = f"{file_prefix}_" if file_prefix else ""
+            items = [
+                Checkpoint.Item(priority, name)
+                for priority, name in saved_items(str(self.save_dir), handler.reason, prefix)
+                if handler.filename is None or name == handler.filename
+            ]
+            checkpoint._saved = items
 
     def _final_path(self) -> Any:
         if self._final_filename is not None:

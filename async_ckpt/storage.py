@@ -115,7 +115,7 @@ class FileStorage:
         finally:
             os.close(fd)
 
-    def write_atomic(self, path: str, produce: Callable[[BinaryIO], None]) -> WriteTimes:
+    def write_atomic(self, path: str, produce: Callable[[BinaryIO], object]) -> WriteTimes:
         """Create ``path`` with the bytes ``produce`` writes, atomically and durably.
 
         Args:

@@ -61,7 +61,7 @@ class WriteJob:
     """
 
     path: str
-    produce: Callable[[BinaryIO], None] | None
+    produce: Callable[[BinaryIO], object] | None
     link_from: WriteJob | None = None
     removes: list[str] = field(default_factory=list)
     before: Callable[[], None] | None = None

@@ -21,6 +21,10 @@ def _load(path: str) -> Any:
     return torch.load(path, weights_only=True)
 
 
+def _checkpoints(directory: str | os.PathLike[str]) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f.endswith(".pt"))
+
+
 def _mutate_everything(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
     with torch.no_grad():
         for t in list(net.parameters()) + list(net.buffers()):
@@ -72,7 +76,7 @@ def test_overlap_mode_writes_the_same_files_as_eager(tmp_path: os.PathLike[str])
         with AsyncCheckpointSaver(d, tr.save_dict, save_interval=1, epoch_level=False, snapshot_mode=mode) as s:
             s.attach(tr.engine)
             tr.engine.run(tr.data, max_epochs=3)
-        outs[mode] = {f: _load(os.path.join(d, f)) for f in sorted(os.listdir(d))}
+        outs[mode] = {f: _load(os.path.join(d, f)) for f in _checkpoints(d)}
     assert outs["eager"].keys() == outs["overlap"].keys() and len(outs["eager"]) == 9
     assert all(trees_equal(outs["eager"][f], outs["overlap"][f]) for f in outs["eager"])
 
@@ -89,7 +93,7 @@ def test_same_event_is_staged_and_serialized_once(tmp_path: os.PathLike[str]) ->
     assert [s.reason for s in saves] == ["key_metric", "interval", "final"]
     assert [s.linked for s in saves] == [False, True, True]
     assert [s.reused_snapshot for s in saves] == [False, True, True]
-    files = sorted(os.listdir(tmp_path))
+    files = _checkpoints(tmp_path)
     inodes = {os.stat(os.path.join(tmp_path, f)).st_ino for f in files}
     assert len(files) == 3 and len(inodes) == 1
 
@@ -165,7 +169,7 @@ def test_evaluator_saver_does_not_make_the_trainer_wait(tmp_path: os.PathLike[st
 
     tr.engine.run(tr.data, max_epochs=2)
     assert pending_seen == [1, 2]  # both best-model writes were still queued while training went on
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint_key_metric=0.3000.pt", "checkpoint_key_metric=0.6000.pt"]
+    assert _checkpoints(tmp_path) == ["checkpoint_key_metric=0.3000.pt", "checkpoint_key_metric=0.6000.pt"]
     assert saver._pipeline.client.pending == 0
     saver.close()
 

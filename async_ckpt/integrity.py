@@ -1,0 +1,158 @@
+"""Integrity: a per-directory manifest of durable checkpoints, and verification of files against it.
+
+``torch.save`` already computes a CRC-32 of every record while it writes (the zip format stores them in the
+central directory at the end of the file). The manifest therefore costs no extra pass over the data: after a
+checkpoint is durable, the writer reads the file's central directory (a few KiB at its end) and records its
+size and the CRC-32 of that directory, which covers every record's CRC. Verification checks size and directory
+against the manifest, then re-reads every record and checks its CRC — so a truncated, bit-flipped or swapped
+file fails.
+
+The manifest, ``.async_ckpt_manifest.json`` (hidden, so ``*`` globs and ``*.pt`` listings skip it), is itself
+replaced atomically (temp file, fsync, rename, directory fsync) by the writer thread after each durable save or
+removal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from async_ckpt.storage import FileStorage, is_temp_name
+
+__all__ = ["MANIFEST_NAME", "VerifyResult", "describe", "read_manifest", "update_manifest", "verify"]
+
+MANIFEST_NAME = ".async_ckpt_manifest.json"
+_FORMAT = 1
+_EOCD = b"PK\x05\x06"
+_EOCD64_LOCATOR = b"PK\x06\x07"
+
+
+def _central_directory(path: str) -> bytes:
+    """The bytes of the zip central directory of ``path`` (raises ValueError if it has none)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        tail_len = min(size, (1 << 16) + (1 << 10))
+        f.seek(size - tail_len)
+        tail = f.read(tail_len)
+        pos = tail.rfind(_EOCD)
+        if pos < 0:
+            raise ValueError(f"{path}: no zip end-of-central-directory record (truncated or not a torch.save file)")
+        cd_size, cd_offset = struct.unpack("<II", tail[pos + 12 : pos + 20])
+        loc = tail.rfind(_EOCD64_LOCATOR, 0, pos)
+        if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF or loc >= 0:
+            (eocd64_offset,) = struct.unpack("<Q", tail[loc + 8 : loc + 16])
+            f.seek(eocd64_offset)
+            rec = f.read(56)
+            cd_size, cd_offset = struct.unpack("<QQ", rec[40:56])
+        f.seek(cd_offset)
+        data = f.read(cd_size)
+        if len(data) != cd_size:
+            raise ValueError(f"{path}: central directory is cut short")
+        return data
+
+
+def describe(path: str) -> dict[str, Any]:
+    """Size and central-directory checksum of a finished checkpoint file (reads only its end)."""
+    return {"size": os.path.getsize(path), "cd_crc32": zlib.crc32(_central_directory(path))}
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of ``directory``, or an empty one if there is none or it cannot be parsed."""
+    try:
+        with open(os.path.join(directory, MANIFEST_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {"format": _FORMAT, "files": {}}
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        return {"format": _FORMAT, "files": {}}
+    return data
+
+
+def update_manifest(storage: FileStorage, directory: str, added: dict[str, dict[str, Any]], removed: list[str]) -> None:
+    """Add entries for ``added`` (file name -> info) and drop ``removed`` names, atomically and durably.
+
+    Entries whose files no longer exist are dropped too, so the manifest never lists what is gone.
+    """
+    manifest = read_manifest(directory)
+    files: dict[str, Any] = manifest["files"]
+    for name in removed:
+        files.pop(name, None)
+    files.update(added)
+    for name in [n for n in files if not os.path.exists(os.path.join(directory, n))]:
+        del files[name]
+    manifest["format"] = _FORMAT
+    payload = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    storage.write_atomic(os.path.join(directory, MANIFEST_NAME), lambda f: f.write(payload))
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of verifying one file.
+
+    Attributes:
+        path: the file.
+        ok: every check passed.
+        checked: which checks ran (``"manifest"``: size and directory checksum; ``"records"``: every CRC).
+        problems: what failed, in words.
+        info: the manifest entry, if there was one.
+    """
+
+    path: str
+    ok: bool
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def verify(path: str, *, records: bool = True) -> VerifyResult:
+    """Check a checkpoint file against its directory's manifest and its own record CRCs.
+
+    Args:
+        path: a checkpoint file.
+        records: also re-read every record and check its CRC-32 (reads the whole file).
+
+    Returns:
+        A :class:`VerifyResult`; ``ok`` is false if anything failed. A file absent from the manifest is checked
+        for record CRCs only (``checked`` says so).
+    """
+    result = VerifyResult(path=path, ok=True)
+    name = os.path.basename(path)
+    if is_temp_name(name):
+        return VerifyResult(path, False, problems=["temporary file of an unfinished write, not a checkpoint"])
+    if not os.path.isfile(path):
+        return VerifyResult(path, False, problems=["missing"])
+    entry = read_manifest(os.path.dirname(path) or ".")["files"].get(name)
+    if entry is not None:
+        result.info = dict(entry)
+        result.checked.append("manifest")
+        try:
+            actual = describe(path)
+        except (OSError, ValueError) as exc:
+            result.problems.append(str(exc))
+        else:
+            if actual["size"] != entry.get("size"):
+                result.problems.append(f"size {actual['size']} != {entry.get('size')} recorded")
+            if actual["cd_crc32"] != entry.get("cd_crc32"):
+                result.problems.append("central directory checksum differs from the manifest")
+    if records:
+        result.checked.append("records")
+        try:
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+            if bad is not None:
+                result.problems.append(f"record {bad!r} fails its CRC-32")
+        except (OSError, zipfile.BadZipFile, ValueError) as exc:
+            result.problems.append(f"not a complete torch.save file: {exc}")
+    result.ok = not result.problems
+    return result
+
+
+def entry_for(path: str, info: dict[str, Any]) -> dict[str, Any]:
+    """A manifest entry for the durable file ``path``: its description plus ``info`` and the time."""
+    return {**describe(path), **info, "saved_at": time.time()}

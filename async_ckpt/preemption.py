@@ -1,0 +1,99 @@
+"""Preemption: turn a termination signal into a durable final checkpoint at the next iteration boundary.
+
+The signal handler only sets a flag (no I/O, no locks in signal context). At the end of the current iteration the
+saver writes its final checkpoint, waits up to a grace budget for everything queued to become durable, restores
+the previous handler and hands the signal on to it, so the process ends the way it would have without us: by the
+default action (killed by the signal), by the previous Python handler (e.g. ``KeyboardInterrupt``), or not at all
+if the signal was ignored before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+__all__ = ["PreemptionGuard"]
+
+logger = logging.getLogger("async_ckpt")
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class PreemptionGuard:
+    """Installs a signal handler and performs the final save at the next ``ITERATION_COMPLETED``.
+
+    Args:
+        save_final: writes the final checkpoint for ``engine`` (the saver's final ``Checkpoint``).
+        flush: waits up to the given seconds for everything queued to be durable; returns whether it finished.
+        signum: the signal to handle (e.g. ``signal.SIGTERM``, or ``signal.SIGUSR1`` as SLURM sends before the end).
+        grace_s: seconds to wait for pending writes before handing the signal on.
+    """
+
+    def __init__(
+        self,
+        save_final: Callable[[Engine], None],
+        flush: Callable[[float], bool],
+        signum: int,
+        grace_s: float,
+    ) -> None:
+        self._save_final = save_final
+        self._flush = flush
+        self.signum = signal.Signals(signum)
+        self.grace_s = grace_s
+        self.requested = False
+        self._previous: _Handler = None
+        self._installed = False
+
+    def install(self, engine: Engine) -> None:
+        """Take over the signal (main thread only) and check for it after every iteration of ``engine``."""
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError(
+                f"preempt_signal={self.signum.name} needs attach() to run in the main thread, where Python handles "
+                "signals; attach from the main thread or leave preempt_signal=None."
+            )
+        self._previous = signal.signal(self.signum, self._on_signal)
+        self._installed = True
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._at_safe_point)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def _at_safe_point(self, engine: Engine) -> None:
+        if not self.requested:
+            return
+        self.requested = False
+        logger.warning(
+            "async_ckpt: %s received; writing the final checkpoint at iteration %d",
+            self.signum.name,
+            engine.state.iteration,
+        )
+        try:
+            self._save_final(engine)
+        finally:
+            finished = self._flush(self.grace_s)
+            if not finished:
+                logger.error("async_ckpt: checkpoints still pending after the %.0fs grace budget", self.grace_s)
+            self._hand_on()
+
+    def uninstall(self) -> None:
+        """Give the signal back to the handler that was there before."""
+        if self._installed:
+            signal.signal(self.signum, self._previous)
+            self._installed = False
+
+    def _hand_on(self) -> None:
+        previous = self._previous
+        self.uninstall()
+        if previous is signal.SIG_IGN:
+            return
+        if callable(previous):
+            previous(int(self.signum), None)
+            return
+        os.kill(os.getpid(), self.signum)  # SIG_DFL (or None): the default action, as without us

@@ -16,6 +16,7 @@ This module neither touches files nor starts threads.
 from __future__ import annotations
 
 import copy
+import ctypes
 import pickle
 import threading
 import time
@@ -499,9 +500,13 @@ class _HostCopier:
         self._thread.start()
 
     def _run(self) -> None:
+        # A plain memmove per storage: a torch op here would start a second OpenMP team whose spinning threads
+        # steal the cores from the training thread's own parallel ops (measured: 10x slower eager copies on 2 cores).
         try:
             for src, dst in self._pairs:
-                dst.copy_(src)
+                n = src.numel()
+                if n:
+                    ctypes.memmove(dst.data_ptr(), src.data_ptr(), n)
         except BaseException as exc:
             self._error = exc
         finally:

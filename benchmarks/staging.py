@@ -1,0 +1,183 @@
+"""Training-thread stall of one snapshot, eager and overlap, against the raw copy floor, on CPU and GPU.
+
+    python -m benchmarks.staging             # CPU: ~64 and 512 MiB states (about a minute on two cores)
+    python -m benchmarks.staging --full      # CPU: 64 MiB, 512 MiB, 2 GiB; GPU (if present): 1, 4, 16 GiB
+
+For each state (an MLP's parameters + Adam ``exp_avg``/``exp_avg_sq``, plus a BatchNorm) this measures, in one run
+and interleaved so machine drift cancels:
+
+- floor: one ``copy_`` of the same number of bytes into preallocated, already-touched memory (CPU), or the pinned
+  device-to-host bandwidth of one copy (GPU);
+- eager: ``Stager.stage`` time on the training thread (every tensor copied before it returns; on GPU the copy is
+  issued on a side stream and the compute stream waits for it) and, on GPU, the time until the copy is complete;
+- overlap: ``Stager.stage`` with optimizer-owned tensors deferred (the CPU copy runs on a background thread, the GPU
+  copy does not hold back the compute stream);
+- MONAI: the synchronous ``torch.save`` of the same state to a file, which is what MONAI's saver costs per save.
+
+It prints a markdown table and the issue's target ratios, and writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from async_ckpt.snapshot import Stager, flatten
+from benchmarks.common import describe_machine, machine_info, median
+
+MiB = 2**20
+
+
+def _state(mib: int, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A model whose parameters + Adam state take about ``mib`` MiB (parameters are a third of it)."""
+    width = 1024
+    layers = max(1, round(mib * MiB / 3 / 4 / (width * width)))
+    net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)], torch.nn.BatchNorm1d(width)).to(
+        device
+    )
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    net(torch.randn(8, width, device=device)).sum().backward()
+    opt.step()
+    return net, opt
+
+
+def _defer(net: torch.nn.Module, opt: torch.optim.Optimizer, tensors: list[torch.Tensor]) -> list[bool]:
+    owned = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    owned |= {v.untyped_storage().data_ptr() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)}
+    return [t.untyped_storage().data_ptr() in owned for t in tensors]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(mib: int, device: str, rounds: int, save_dir: str) -> dict[str, Any]:
+    net, opt = _state(mib, device)
+    state = {"net": net.state_dict(), "opt": opt.state_dict()}
+    flat = flatten(state)
+    nbytes = sum(
+        t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in flat.tensors}.values()
+    )
+    defer = _defer(net, opt, flat.tensors)
+    stager = Stager(max_pending=1)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty(nbytes, dtype=torch.uint8, pin_memory=device == "cuda")
+    dst.fill_(0)
+    res: dict[str, list[float]] = {k: [] for k in ("floor", "eager", "eager_done", "overlap", "overlap_done", "monai")}
+    path = os.path.join(save_dir, "monai.pt")
+    for r in range(rounds + 1):  # round 0 warms up (allocates the reused buffers) and is dropped
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=False)
+        _sync(device)
+        floor = time.perf_counter() - t0
+        for mode in ("eager", "overlap"):
+            _sync(device)
+            t0 = time.perf_counter()
+            staged = stager.stage(flat.tensors, reuse=False, defer=defer if mode == "overlap" else None)
+            t1 = time.perf_counter()
+            assert staged is not None
+            staged.guard()
+            staged.wait_ready()
+            t2 = time.perf_counter()
+            staged.release()
+            if r:
+                res[mode].append(t1 - t0)
+                res[f"{mode}_done"].append(t2 - t0)
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.save(state, path)
+        monai = time.perf_counter() - t0
+        if r:
+            res["floor"].append(floor)
+            res["monai"].append(monai)
+    os.unlink(path)
+    out: dict[str, Any] = {"device": device, "mib": nbytes / MiB, "rounds": rounds}
+    out.update({f"{k}_s": median(v) for k, v in res.items()})
+    out["floor_gib_s"] = nbytes / 2**30 / out["floor_s"]
+    out["eager_done_gib_s"] = nbytes / 2**30 / out["eager_done_s"]
+    del net, opt, state, flat, src, dst, stager
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rows:
+        tag = f"{r['device']} {r['mib']:.0f} MiB"
+        if r["device"] == "cpu":
+            ratio = r["eager_s"] / r["floor_s"]
+            lines.append(f"- {tag}: eager stall / copy floor = {ratio:.2f} (target <= 1.2): {_ok(ratio <= 1.2)}")
+        else:
+            frac = r["eager_done_gib_s"] / r["floor_gib_s"]
+            lines.append(f"- {tag}: eager D2H / pinned bandwidth = {frac:.2f} (target >= 0.8): {_ok(frac >= 0.8)}")
+            if 3500 <= r["mib"] <= 4600:
+                ms = r["overlap_s"] * 1e3
+                lines.append(f"- {tag}: overlap stall = {ms:.2f} ms (target <= 5 ms): {_ok(ms <= 5)}")
+        ov = r["overlap_s"] / r["eager_s"]
+        lines.append(f"- {tag}: overlap stall / eager stall = {ov:.3f} (target <= 0.10): {_ok(ov <= 0.10)}")
+    return lines
+
+
+def _ok(flag: bool) -> str:
+    return "PASS" if flag else "FAIL"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--full", action="store_true", help="CPU 64/512/2048 MiB and GPU 1/4/16 GiB")
+    p.add_argument("--cpu-sizes", type=int, nargs="*", help="CPU state sizes in MiB")
+    p.add_argument("--gpu-sizes", type=int, nargs="*", help="GPU state sizes in MiB")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default="bench-results")
+    args = p.parse_args(argv)
+    cpu_sizes = args.cpu_sizes if args.cpu_sizes is not None else ([64, 512, 2048] if args.full else [64, 512])
+    gpu_sizes = args.gpu_sizes if args.gpu_sizes is not None else ([1024, 4096, 16384] if args.full else [1024, 4096])
+    if not torch.cuda.is_available():
+        gpu_sizes = []
+    os.makedirs(args.out, exist_ok=True)
+    save_dir = tempfile.mkdtemp(prefix="staging-", dir=args.out)
+    info = machine_info(save_dir)
+    if gpu_sizes:
+        info["gpu"] = torch.cuda.get_device_name()
+    print("# Snapshot stall per save\n")
+    print(describe_machine(info) + (f"\n- GPU: {info['gpu']}" if gpu_sizes else "\n- GPU: none"))
+    rows = []
+    try:
+        for device, sizes in (("cpu", cpu_sizes), ("cuda", gpu_sizes)):
+            for mib in sizes:
+                rows.append(measure(mib, device, args.rounds, save_dir))
+    finally:
+        shutil.rmtree(save_dir, ignore_errors=True)
+    print(
+        "\n| device | state MiB | copy floor ms | eager stall ms | eager done ms | overlap stall ms | "
+        "MONAI torch.save ms | eager / floor | overlap / eager | MONAI / eager |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['device']} | {r['mib']:.0f} | {r['floor_s'] * 1e3:.1f} | {r['eager_s'] * 1e3:.1f} | "
+            f"{r['eager_done_s'] * 1e3:.1f} | {r['overlap_s'] * 1e3:.2f} | {r['monai_s'] * 1e3:.0f} | "
+            f"{r['eager_s'] / r['floor_s']:.2f} | {r['overlap_s'] / r['eager_s']:.3f} | "
+            f"{r['monai_s'] / r['eager_s']:.1f} |"
+        )
+    print("\nTargets (same run):")
+    print("\n".join(_targets(rows)))
+    path = os.path.join(args.out, "staging.json")
+    with open(path, "w") as f:
+        json.dump({"machine": info, "rows": rows}, f, indent=1)
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

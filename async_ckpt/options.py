@@ -28,6 +28,8 @@ class AsyncOptions:
             interval), stage and serialize it once and hard-link the other names.
         manifest: record each durable file (size, checksum, step, score, reason) in the directory's
             ``.async_ckpt_manifest.json`` so it can be verified and resumed from.
+        sync_errors: in a distributed run, all-reduce a failure flag at each checkpoint event and at ``COMPLETED``
+            so that a write failure on the saving rank stops every rank instead of leaving them in a collective.
         exit_timeout: seconds the interpreter-exit hook waits for pending writes before it reports the ones it
             could not finish (``None``: wait as long as it takes).
     """
@@ -38,6 +40,7 @@ class AsyncOptions:
     snapshot_mode: SnapshotMode = "eager"
     dedup: bool = True
     manifest: bool = True
+    sync_errors: bool = True
     exit_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:

@@ -20,9 +20,11 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from async_ckpt.errors import CheckpointWriteError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.preemption import PreemptionGuard
 from async_ckpt.resume import remove_stale_temp_files, saved_items
@@ -88,6 +90,8 @@ class AsyncCheckpointSaver:
         dedup: stage and serialize once when several checkpoints are due for the same unchanged state.
         manifest: keep ``.async_ckpt_manifest.json`` (size, checksum, step, score, reason per durable file).
         exit_timeout: seconds the interpreter-exit hook waits for pending writes (``None``: unbounded).
+        sync_errors: in a distributed run, agree across ranks at every checkpoint event and at ``COMPLETED``
+            (one small all-reduce) whether the saving rank has a write failure, so every rank raises together.
         resume: rebuild the interval, key-metric and final retention lists from the files an earlier run
             recorded in ``save_dir``'s manifest, so ``n_saved`` pruning continues across restarts.
         preempt_signal: a signal (e.g. ``signal.SIGTERM``, or ``signal.SIGUSR1`` for SLURM) that makes the saver
@@ -131,6 +135,7 @@ class AsyncCheckpointSaver:
         dedup: bool = True,
         manifest: bool = True,
         exit_timeout: float | None = 600.0,
+        sync_errors: bool = True,
         resume: bool = False,
         preempt_signal: int | None = None,
         preempt_grace_s: float = 60.0,
@@ -149,6 +154,7 @@ class AsyncCheckpointSaver:
             snapshot_mode=snapshot_mode,
             dedup=dedup,
             manifest=manifest,
+            sync_errors=sync_errors,
             exit_timeout=exit_timeout,
         )
         self.logger = logging.getLogger(name)
@@ -231,7 +237,7 @@ class AsyncCheckpointSaver:
                 score_name="epoch" if self.epoch_level else "iteration",
                 n_saved=n_saved,
             )
-        if self._handlers:
+        if self._handlers and idist.get_rank() == 0:  # as ignite's DiskSaver: only the saving rank touches files
             _check_writable(str(save_dir))
         if preempt_signal is not None and self._final_checkpoint is None:
             raise ValueError(
@@ -278,7 +284,7 @@ class AsyncCheckpointSaver:
                 engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.interval_completed)
         if self._handlers:
             engine.add_event_handler(Events.COMPLETED, self._run_completed)
-            removed = remove_stale_temp_files(str(self.save_dir))
+            removed = remove_stale_temp_files(str(self.save_dir)) if idist.get_rank() == 0 else []
             if removed:
                 self.logger.info(f"async_ckpt: removed {len(removed)} temporary file(s) of an interrupted run")
         if self._preemption is not None:
@@ -314,14 +320,14 @@ class AsyncCheckpointSaver:
         """``EPOCH_COMPLETED``: save if the key metric improved."""
         if not callable(self._key_metric_checkpoint):
             raise AssertionError("Error: _key_metric_checkpoint function not specified.")
-        self.raise_pending()
+        self.raise_pending(sync=True)
         self._save(self._key_metric_checkpoint, engine)
 
     def interval_completed(self, engine: Engine) -> None:
         """Every ``save_interval`` epochs or iterations: save (or, with ``overflow="skip"``, maybe drop)."""
         if not callable(self._interval_checkpoint):
             raise AssertionError("Error: _interval_checkpoint function not specified.")
-        self.raise_pending()
+        self.raise_pending(sync=True)
         if self.options.overflow == "skip" and not self._pipeline.has_free_slot():
             self._pipeline.telemetry.skipped += 1
             step = engine.state.epoch if self.epoch_level else engine.state.iteration
@@ -346,8 +352,13 @@ class AsyncCheckpointSaver:
         """Per-save telemetry: training-thread blocking time, bytes, serialize/write/fsync and durable times."""
         return self._pipeline.telemetry
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, *, barrier: bool = False) -> None:
         """Block until every checkpoint queued so far is durable, then raise any background failure.
+
+        Args:
+            timeout: seconds to wait at most (``None``: as long as it takes).
+            barrier: in a distributed run, also make every rank learn of a failure on the saving rank (all ranks
+                must call ``wait(barrier=True)`` at the same point).
 
         Raises:
             CheckpointWriteError: a queued checkpoint could not be written (the original is ``__cause__``).
@@ -355,7 +366,7 @@ class AsyncCheckpointSaver:
         """
         if not self._pipeline.wait(timeout):
             raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
-        self.raise_pending()
+        self.raise_pending(sync=barrier)
 
     def close(self) -> None:
         """Wait for pending checkpoints, stop accepting new ones, and raise any background failure. Idempotent."""
@@ -373,18 +384,31 @@ class AsyncCheckpointSaver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def raise_pending(self) -> None:
+    def raise_pending(self, *, sync: bool = False) -> None:
         """Raise the first background failure not reported yet (and forget the rest of them).
 
         Before raising, the bookkeeping of the ``Checkpoint`` that queued the failed file is rolled back: the
         failed name leaves its top-N list and the files whose eviction was cancelled come back into it.
+
+        Args:
+            sync: in a distributed run, first agree with every rank (one small all-reduce) whether some rank has a
+                failure, so that all ranks raise together instead of the others hanging in their next collective.
+                Every rank must call it at the same point; the saver does so at each checkpoint event and at
+                ``COMPLETED``.
         """
         failures = self._pipeline.take_failures()
-        if not failures:
-            return
         for failure in failures:
             self._roll_back(failure)
-        raise failure_to_error(failures[0], more=len(failures) - 1)
+        if sync and self.options.sync_errors and idist.get_world_size() > 1:
+            failed_ranks = int(idist.all_reduce(int(bool(failures))))
+            if failed_ranks and not failures:
+                raise CheckpointWriteError(
+                    f"async_ckpt: the saving rank could not write a checkpoint (rank {idist.get_rank()} stops with "
+                    "it); see the saving rank's CheckpointWriteError for the cause.",
+                    path="",
+                )
+        if failures:
+            raise failure_to_error(failures[0], more=len(failures) - 1)
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _save(self, checkpoint: Checkpoint, engine: Engine) -> None:
@@ -450,7 +474,7 @@ class AsyncCheckpointSaver:
         """
         outer = _outermost_running_engine()
         if outer is None or outer is engine:
-            self.wait()
+            self.wait(barrier=True)
             return
         if outer not in self._flush_engines:
             self._flush_engines.add(outer)

@@ -87,8 +87,14 @@ def update_manifest(storage: FileStorage, directory: str, added: dict[str, dict[
     for name in [n for n in files if not os.path.exists(os.path.join(directory, n))]:
         del files[name]
     manifest["format"] = _FORMAT
-    payload = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    payload = json.dumps(manifest, indent=1, sort_keys=True, default=_plain).encode()
     storage.write_atomic(os.path.join(directory, MANIFEST_NAME), lambda f: f.write(payload))
+
+
+def _plain(value: Any) -> Any:
+    """JSON for NumPy / torch scalars (a key metric may be one), else the value's repr."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else repr(value)
 
 
 @dataclass

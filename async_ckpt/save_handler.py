@@ -231,9 +231,12 @@ class SavePipeline:
 
 def failure_to_error(failure: Failure, more: int) -> CheckpointWriteError:
     """The exception a user sees for a failed job, with the original chained as ``__cause__``."""
-    verb = {"remove": "remove an evicted file after writing", "link": "link", "stage": "copy the state for"}.get(
-        failure.stage, "write"
-    )
+    verb = {
+        "remove": "remove an evicted file after writing",
+        "link": "link",
+        "stage": "copy the state for",
+        "callback": "record (in the manifest) the durable",
+    }.get(failure.stage, "write")
     extra = f" ({more} more save(s) of this saver failed after it)" if more else ""
     err = CheckpointWriteError(
         f"async_ckpt could not {verb} checkpoint {failure.job.path!r}: {failure.error!r}{extra}. "

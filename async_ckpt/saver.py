@@ -39,21 +39,13 @@ __all__ = ["AsyncCheckpointSaver"]
 
 
 def _is_scalar(value: Any) -> bool:
-    """MONAI's ``is_scalar``: a Python/NumPy number or a one-element tensor/array."""
-    import numbers
-
+    """MONAI's ``is_scalar``: a 0-d tensor, or anything ``numpy.isscalar`` accepts."""
+    import numpy as np
     import torch
 
     if isinstance(value, torch.Tensor):
         return value.ndim == 0
-    try:
-        import numpy as np
-
-        if isinstance(value, np.ndarray):
-            return value.ndim == 0
-    except ImportError:  # pragma: no cover - numpy ships with torch
-        pass
-    return isinstance(value, numbers.Number)
+    return bool(np.isscalar(value))
 
 
 class AsyncCheckpointSaver:
@@ -169,6 +161,15 @@ class AsyncCheckpointSaver:
         self._flush_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         if save_final or save_key_metric or save_interval > 0:
             _check_state_dicts(save_dict)
+        if save_key_metric and key_metric_n_saved is not None and key_metric_n_saved < 1:
+            raise ValueError(f"key_metric_n_saved must be a positive integer, got {key_metric_n_saved}.")
+        if save_key_metric and key_metric_save_state and "checkpointer" in save_dict:
+            raise ValueError(
+                "save_dict has a 'checkpointer' entry, but key_metric_save_state=True stores the key-metric tracking "
+                "list under that key: rename the entry or set key_metric_save_state=False."
+            )
+        if save_interval > 0 and n_saved is not None and n_saved < 1:
+            raise ValueError(f"n_saved must be a positive integer or None, got {n_saved}.")
         self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
         self._handlers: dict[int, AsyncSaveHandler] = {}
 

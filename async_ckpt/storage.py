@@ -2,8 +2,9 @@
 
 Invariant: a path that does not contain :data:`TMP_MARKER` is either absent or a complete file. Every write goes
 to ``<final>.async_ckpt-tmp-<pid>-<token>`` in the same directory (so ``os.replace`` is an atomic rename on the same
-file system, and the name never ends in ``.pt``), is flushed and fsynced, made group/other readable, renamed onto
-the final name, and then the directory is fsynced so the rename itself survives a power cut.
+file system, and the name never ends in ``.pt``), created with the permissions ``torch.save(path)`` would give it
+(``0o666`` less the umask: group/other readable under the usual umask, unlike ``tempfile``'s ``0o600``), flushed and
+fsynced, renamed onto the final name, and then the directory is fsynced so the rename itself survives a power cut.
 
 This module knows nothing about queues, tensors or ignite.
 """
@@ -11,7 +12,6 @@ This module knows nothing about queues, tensors or ignite.
 from __future__ import annotations
 
 import os
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -96,7 +96,8 @@ class FileStorage:
         os.unlink(path)
 
     def _open(self, path: str) -> BinaryIO:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # 0o666 & ~umask: the mode torch.save(path) gives MONAI's files (not tempfile's 0o600).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         return os.fdopen(fd, "wb", buffering=1 << 20)
 
     # -- operations --------------------------------------------------------------------------------------------
@@ -144,7 +145,6 @@ class FileStorage:
                 if self.fsync:
                     self._fsync_fd(raw.fileno())
                 times.fsync_s = time.perf_counter() - t2
-            os.chmod(tmp, os.stat(tmp).st_mode | stat.S_IRGRP | stat.S_IROTH)
             self._replace(tmp, path)
         except BaseException:
             self._discard(tmp)

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -174,7 +175,8 @@ class _Worker:
         self._lock = threading.Lock()
         self._queue: collections.deque[tuple[WriterClient, WriteJob]] = collections.deque()
         self._thread: threading.Thread | None = None
-        self._clients: set[WriterClient] = set()
+        # Weak: a saver that is dropped without close() must not keep its buffers alive through the writer.
+        self._clients: weakref.WeakSet[WriterClient] = weakref.WeakSet()
 
     def register(self, client: WriterClient) -> None:
         with self._lock:

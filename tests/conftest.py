@@ -74,7 +74,7 @@ def trees_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return list(a.keys()) == list(b.keys()) and all(trees_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(trees_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(trees_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, float) and a != a:
         return b != b
     return bool(a == b)
@@ -96,6 +96,16 @@ def clone_tree(tree: Any) -> Any:
 @pytest.fixture
 def training_factory() -> Callable[..., Training]:
     return make_training
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny test models run faster on one intra-op thread, and idle OpenMP threads spinning on a 2-core machine
+    would compete with the writer thread (it made the parity tests 7x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,7 @@ def _step_again(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
 
 @pytest.mark.parametrize(("mode", "mutate"), [("eager", _mutate_everything), ("overlap", _step_again)])
 def test_file_holds_the_state_at_the_event(tmp_path: os.PathLike[str], mode: str, mutate: Any) -> None:
-    """State changed right after the event (eager: any in-place write; overlap: forward + step) leaves the file as is."""
+    """A state changed right after the event (eager: any in-place write; overlap: forward + step) is not in the file."""
     tr = make_training(batches=2)
     expected: dict[int, Any] = {}
 

@@ -191,7 +191,7 @@ def test_deferred_copy_is_ordered_before_guarded_writes() -> None:
     for t in src:
         t.mul_(0)
     staged.wait_ready()
-    assert all(torch.equal(v, e) for v, e in zip(staged.views, expected))
+    assert all(torch.equal(v, e) for v, e in zip(staged.views, expected, strict=True))
     staged.release()
 
 

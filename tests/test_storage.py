@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
@@ -34,19 +35,19 @@ def test_commit_protocol_order(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "a.pt")
     times = storage.write_atomic(path, lambda f: f.write(b"x" * 1000))
     assert storage.calls == ["fsync-file", "replace", "fsync-dir"]
-    assert open(path, "rb").read() == b"x" * 1000 and times.nbytes == 1000
+    assert Path(path).read_bytes() == b"x" * 1000 and times.nbytes == 1000
 
 
-def test_file_is_group_and_other_readable(tmp_path: os.PathLike[str]) -> None:
-    """A written checkpoint is readable by group and others (MONAI's non-atomic torch.save gives the same)."""
-    old = os.umask(0o077)
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_file_mode_is_what_torch_save_gives(tmp_path: os.PathLike[str], umask: int) -> None:
+    """A checkpoint gets 0o666 less the umask, as MONAI's torch.save(path) files do (not tempfile's 0o600)."""
+    old = os.umask(umask)
     try:
         path = os.path.join(tmp_path, "a.pt")
         FileStorage().write_atomic(path, lambda f: f.write(b"x"))
     finally:
         os.umask(old)
-    mode = os.stat(path).st_mode
-    assert mode & stat.S_IRGRP and mode & stat.S_IROTH
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
 
 
 def test_failed_write_leaves_old_file_and_no_temp(tmp_path: os.PathLike[str]) -> None:
@@ -60,7 +61,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: os.PathLike[str]) ->
 
     with pytest.raises(OSError, match="No space"):
         FileStorage().write_atomic(path, half)
-    assert open(path, "rb").read() == b"good"
+    assert Path(path).read_bytes() == b"good"
     assert os.listdir(tmp_path) == ["a.pt"]
 
 
@@ -77,8 +78,8 @@ def test_link_and_remove(tmp_path: os.PathLike[str]) -> None:
     a, b = os.path.join(tmp_path, "a.pt"), os.path.join(tmp_path, "b.pt")
     storage.write_atomic(a, lambda f: f.write(b"data"))
     storage.link_atomic(a, b)
-    assert open(b, "rb").read() == b"data"
-    assert storage.remove(b) and open(a, "rb").read() == b"data"
+    assert Path(b).read_bytes() == b"data"
+    assert storage.remove(b) and Path(a).read_bytes() == b"data"
     assert storage.remove(b) is False
 
 
@@ -93,7 +94,7 @@ def test_link_falls_back_to_copy(tmp_path: os.PathLike[str]) -> None:
     storage = NoLinks()
     storage.write_atomic(a, lambda f: f.write(b"data" * 100))
     storage.link_atomic(a, b)
-    assert open(b, "rb").read() == b"data" * 100 and os.stat(a).st_ino != os.stat(b).st_ino
+    assert Path(b).read_bytes() == b"data" * 100 and os.stat(a).st_ino != os.stat(b).st_ino
 
 
 def test_link_of_missing_source_fails_cleanly(tmp_path: os.PathLike[str]) -> None:

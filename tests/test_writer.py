@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
@@ -51,7 +52,7 @@ def test_jobs_of_all_clients_run_in_fifo_order(tmp_path: os.PathLike[str]) -> No
 def test_eviction_waits_for_the_replacement(tmp_path: os.PathLike[str]) -> None:
     """A removal attached to a write runs only after that write is durable, and never if it fails."""
     old = os.path.join(tmp_path, "old.pt")
-    open(old, "wb").write(b"old")
+    Path(old).write_bytes(b"old")
     storage = GatedStorage()
     client = WriterClient(storage)
     client.submit(_job(os.path.join(tmp_path, "new.pt"), removes=[old]))

@@ -58,8 +58,9 @@ class PreemptionGuard:
                 f"preempt_signal={self.signum.name} needs attach() to run in the main thread, where Python handles "
                 "signals; attach from the main thread or leave preempt_signal=None."
             )
-        self._previous = signal.signal(self.signum, self._on_signal)
-        self._installed = True
+        if not self._installed:  # a second engine shares the handler; the previous one stays the user's
+            self._previous = signal.signal(self.signum, self._on_signal)
+            self._installed = True
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._at_safe_point)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from async_ckpt.integrity import read_manifest, verify
-from async_ckpt.storage import TMP_MARKER
+from async_ckpt.storage import _HOST, TMP_MARKER, temp_owner
 
 __all__ = ["latest_checkpoint", "remove_stale_temp_files", "saved_items"]
 
@@ -24,8 +24,9 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temp_files(save_dir: str) -> list[str]:
     """Delete temporary files that a crashed async_ckpt writer left in ``save_dir``.
 
-    Only names carrying async_ckpt's temp marker whose writing process no longer runs are removed; nothing else
-    in the directory is touched, and a live process's files in flight are left alone.
+    Only names carrying async_ckpt's temp marker, written on this host by a process that no longer runs, are
+    removed; nothing else in the directory is touched, and files in flight of a live process (or of another host
+    sharing the directory) are left alone.
 
     Returns:
         The removed paths.
@@ -36,11 +37,9 @@ def remove_stale_temp_files(save_dir: str) -> list[str]:
     except FileNotFoundError:
         return []
     for name in names:
-        if TMP_MARKER not in name:
-            continue
-        pid_part = name.rsplit(TMP_MARKER, 1)[1].split("-", 1)[0]
-        if not pid_part.isdigit() or _pid_alive(int(pid_part)):
-            continue  # a live writer (this process included) may be using it right now
+        owner = temp_owner(name)
+        if owner is None or owner[0] != _HOST or _pid_alive(owner[1]):
+            continue  # not ours, another host's (a shared file system), or a live writer's (this process too)
         path = os.path.join(save_dir, name)
         try:
             os.unlink(path)
@@ -55,10 +54,10 @@ def latest_checkpoint(
 ) -> str | None:
     """The newest complete checkpoint in ``save_dir``, or ``None``.
 
-    Files recorded in the directory's manifest are ordered by the time they became durable and checked against
-    it (size and checksum; with ``full_check``, every record's CRC too); a file that fails is skipped. Files not in
-    the manifest (written by another tool) are considered after them, newest modification time first, and must
-    pass the record CRC check.
+    Candidates are ordered newest first: files recorded in the directory's manifest by the time they became
+    durable, other ``suffix`` files (written by another tool, or by us just before a crash that preceded the
+    manifest update) by modification time. A listed file must match the manifest (size and checksum; with
+    ``full_check``, every record's CRC too); an unlisted one must pass the record CRC check. Failures are skipped.
 
     Args:
         save_dir: the checkpoint directory.
@@ -69,24 +68,19 @@ def latest_checkpoint(
     if not os.path.isdir(save_dir):
         return None
     files: dict[str, Any] = read_manifest(save_dir)["files"]
-    listed = sorted(
-        (n for n, e in files.items() if reason is None or e.get("reason") == reason),
-        key=lambda n: files[n].get("saved_at", 0.0),
-        reverse=True,
-    )
-    for name in listed:
+    candidates: list[tuple[float, str, bool]] = []
+    for name in os.listdir(save_dir):
         path = os.path.join(save_dir, name)
-        if os.path.exists(path) and verify(path, records=full_check).ok:
-            return path
-    if reason is not None:
-        return None
-    others = [
-        os.path.join(save_dir, n)
-        for n in os.listdir(save_dir)
-        if n.endswith(suffix) and n not in files and TMP_MARKER not in n
-    ]
-    for path in sorted(others, key=os.path.getmtime, reverse=True):
-        if verify(path).ok:
+        entry = files.get(name)
+        if entry is not None:
+            if reason is None or entry.get("reason") == reason:
+                candidates.append((float(entry.get("saved_at", 0.0)), path, True))
+        elif reason is None and name.endswith(suffix) and TMP_MARKER not in name and os.path.isfile(path):
+            # Not in the manifest: written by another tool, or by us just before a crash that came before the
+            # manifest update. Ordered by modification time, and it must pass the record CRC check.
+            candidates.append((os.path.getmtime(path), path, False))
+    for _, path, listed in sorted(candidates, reverse=True):
+        if verify(path, records=full_check or not listed).ok:
             return path
     return None
 

@@ -99,7 +99,8 @@ class SavePipeline:
             ) from exc
         defer = self._deferrable(flat.tensors)
         previous = self.stager._last
-        staged = self.stager.stage(flat.tensors, block=True, reuse=self.options.dedup, defer=defer)
+        step = (info or {}).get("iteration"), (info or {}).get("epoch")
+        staged = self.stager.stage(flat.tensors, block=True, reuse=self.options.dedup, defer=defer, step=step)
         assert staged is not None  # block=True always returns a snapshot
         reused = previous is not None and staged.views is previous.views
         fingerprint = flat.fingerprint() if self.options.dedup else None

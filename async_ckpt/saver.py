@@ -453,11 +453,14 @@ class AsyncCheckpointSaver:
             if checkpoint is None:
                 continue
             handler = self._handlers[id(checkpoint)]
-            prefix = f"{file_prefix}_" if file_prefix else ""
+            name = "checkpoint" if len(self.save_dict) > 1 else next(iter(self.save_dict))
+            prefix = f"{file_prefix}_{name}_" if file_prefix else f"{name}_"  # ignite's file name pattern
+            if handler.filename is not None:
+                prefix = ""
             items = [
-                Checkpoint.Item(priority, name)
-                for priority, name in saved_items(str(self.save_dir), handler.reason, prefix)
-                if handler.filename is None or name == handler.filename
+                Checkpoint.Item(priority, fname)
+                for priority, fname in saved_items(str(self.save_dir), handler.reason, prefix)
+                if handler.filename is None or fname == handler.filename
             ]
             checkpoint._saved = items
 
@@ -482,7 +485,7 @@ class AsyncCheckpointSaver:
             outer.add_event_handler(Events.COMPLETED, self._flush_outer)
 
     def _flush_outer(self, engine: Engine) -> None:
-        self.wait()
+        self.wait(barrier=True)
 
 
 def _outermost_running_engine() -> Engine | None:

@@ -20,6 +20,7 @@ import ctypes
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,8 +169,37 @@ def _plan(tensors: Sequence[torch.Tensor]) -> _Plan:
             index[key] = len(storages)
             storages.append(torch.empty(0, dtype=torch.uint8, device=t.device).set_(st))
         owner.append(index[key])
-    layout = tuple((s.numel(), s.device.type) for s in storages)
+    layout = tuple((s.numel(), str(s.device)) for s in storages)
     return _Plan(storages, owner, layout)
+
+
+# Host buffers that hold copies of device storages, by address, with the device they came from. torch.save asks
+# the highest-priority "tagger" for each storage's location; ours answers for these buffers only, so a file
+# written from a GPU state records "cuda:N" like torch.save of the original state (and MONAI's files) does, and
+# torch.load restores it where it would have restored the original.
+_DEVICE_OF_BUFFER: dict[tuple[int, int], str] = {}
+
+
+def _tag_staged_storage(storage: Any) -> str | None:
+    if not _DEVICE_OF_BUFFER:
+        return None
+    try:
+        key = (storage.data_ptr(), storage.nbytes())
+    except (AttributeError, RuntimeError):
+        return None
+    return _DEVICE_OF_BUFFER.get(key)
+
+
+def _no_restore(storage: Any, location: str) -> None:
+    return None  # restoring is left to torch's own deserializers
+
+
+torch.serialization.register_package(0, _tag_staged_storage, _no_restore)
+
+
+def _untag(keys: list[tuple[int, int]]) -> None:
+    for key in keys:
+        _DEVICE_OF_BUFFER.pop(key, None)
 
 
 class _BufferSet:
@@ -185,6 +215,14 @@ class _BufferSet:
         )
         self.alloc_s = time.perf_counter() - t0
         self.nbytes = sum(n for n, _ in layout)
+        tagged = []
+        for i, (n, device) in enumerate(layout):
+            if device != "cpu" and n:
+                key = (self.buffer(i).data_ptr(), n)
+                _DEVICE_OF_BUFFER[key] = device
+                tagged.append(key)
+        if tagged:
+            weakref.finalize(self, _untag, tagged)
 
     def buffer(self, i: int) -> torch.Tensor:
         out: torch.Tensor = self.buffers[str(i)]
@@ -324,6 +362,7 @@ class Stager:
         block: bool = True,
         reuse: bool = True,
         defer: Sequence[bool] | None = None,
+        step: Any = None,
     ) -> Staged | None:
         """Copy ``tensors`` into host buffers and return views of the copies.
 
@@ -331,8 +370,9 @@ class Stager:
             tensors: source tensors, any device.
             block: wait for a free buffer set when all ``max_pending`` are in flight; if ``False``, return
                 ``None`` instead.
-            reuse: if the previous snapshot is of exactly these, unchanged tensors (same storages, shapes and
-                version counters), return it again instead of copying.
+            reuse: if the previous snapshot was taken at the same ``step`` of exactly these, unchanged tensors
+                (same storages, shapes and version counters), return it again instead of copying. Requiring the
+                same step matters: in-place writes through ``.data`` do not bump version counters.
             defer: per tensor, whether its copy may finish after this call returns (overlap mode). A storage is
                 deferred only if every tensor on it is. Deferred copies run on a named background thread (CPU)
                 or on the side stream without holding back the compute stream (CUDA); the caller must make
@@ -342,7 +382,9 @@ class Stager:
             The staged copy (the caller owns one reference), or ``None`` when ``block`` is false and no buffer
             set is free.
         """
-        signature = _tensor_signature(tensors) if reuse else None
+        signature = _tensor_signature(tensors) if reuse and step is not None else None
+        if signature is not None:
+            signature = (step, signature)
         last = self._last
         if signature is not None and last is not None and last.signature == signature:
             if last.retain():

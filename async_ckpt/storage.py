@@ -1,10 +1,11 @@
 """Durable files: bytes go to a temporary name, are fsynced, and only then appear under their final name.
 
 Invariant: a path that does not contain :data:`TMP_MARKER` is either absent or a complete file. Every write goes
-to ``<final>.async_ckpt-tmp-<pid>-<token>`` in the same directory (so ``os.replace`` is an atomic rename on the same
-file system, and the name never ends in ``.pt``), created with the permissions ``torch.save(path)`` would give it
-(``0o666`` less the umask: group/other readable under the usual umask, unlike ``tempfile``'s ``0o600``), flushed and
-fsynced, renamed onto the final name, and then the directory is fsynced so the rename itself survives a power cut.
+to ``<final>.async_ckpt-tmp-<host>.<pid>.<token>`` in the same directory (so ``os.replace`` is an atomic rename on
+the same file system, and the name never ends in ``.pt``), created with the permissions ``torch.save(path)`` would
+give it (``0o666`` less the umask: group/other readable under the usual umask, unlike ``tempfile``'s ``0o600``),
+flushed and fsynced, renamed onto the final name, and then the directory is fsynced so the rename itself survives a
+power cut.
 
 This module knows nothing about queues, tensors or ignite.
 """
@@ -12,15 +13,27 @@ This module knows nothing about queues, tensors or ignite.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-__all__ = ["TMP_MARKER", "FileStorage", "WriteTimes", "is_temp_name"]
+__all__ = ["TMP_MARKER", "FileStorage", "WriteTimes", "is_temp_name", "temp_owner"]
 
 TMP_MARKER = ".async_ckpt-tmp-"
+_HOST = "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname()) or "host"
+
+
+def temp_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process that created the temporary file ``name``, or ``None`` if it is not ours."""
+    if TMP_MARKER not in name:
+        return None
+    parts = name.rsplit(TMP_MARKER, 1)[1].split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
 
 
 def is_temp_name(name: str) -> bool:
@@ -103,8 +116,11 @@ class FileStorage:
     # -- operations --------------------------------------------------------------------------------------------
     @staticmethod
     def temp_path(final: str) -> str:
-        """A fresh temporary path beside ``final`` that can never be mistaken for a checkpoint."""
-        return f"{final}{TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        """A fresh temporary path beside ``final`` that can never be mistaken for a checkpoint.
+
+        The name carries the host and process id of the writer, so a cleanup after a crash can tell whose it is.
+        """
+        return f"{final}{TMP_MARKER}{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
 
     def sync_dir(self, directory: str) -> None:
         """fsync a directory so that renames and unlinks in it are durable."""

@@ -229,10 +229,14 @@ class _Worker:
         return left
 
     def reset_after_fork(self) -> None:
-        # The child has no worker thread; jobs queued by the parent belong to the parent.
+        # The child has no worker thread; jobs queued by the parent belong to the parent, and so do their counts
+        # (otherwise the child would wait for them at exit until its timeout).
         self._lock = threading.Lock()
         self._queue.clear()
         self._thread = None
+        for client in list(self._clients):
+            client._cond = threading.Condition()
+            client._pending = 0
 
 
 def _execute(storage: FileStorage, job: WriteJob) -> Failure | None:

@@ -162,22 +162,29 @@ def test_full_pool_blocks_or_reports_none() -> None:
     got[0].release()  # type: ignore[attr-defined]
 
 
-def test_unchanged_state_is_staged_once() -> None:
-    """Staging the same unchanged tensors again reuses the copy; an in-place change forces a new one."""
+def test_unchanged_state_is_staged_once_per_step() -> None:
+    """Staging the same unchanged tensors at the same step reuses the copy; a change or a new step forces a copy."""
     stager = Stager(max_pending=2)
     x = torch.zeros(8)
-    a = stager.stage([x])
-    b = stager.stage([x])
+    a = stager.stage([x], step=1)
+    b = stager.stage([x], step=1)
     assert a is not None and b is not None and b.views is a.views and stager.allocations == 1
     a.release()
     b.release()
-    c = stager.stage([x])  # released but untouched: taken back without a copy
+    c = stager.stage([x], step=1)  # released but untouched: taken back without a copy
     assert c is not None and c.views is a.views
     x.add_(1)
-    d = stager.stage([x])
+    d = stager.stage([x], step=1)
     assert d is not None and d.views is not a.views and torch.equal(d.views[0], x)
     c.release()
     d.release()
+    x.data.add_(1)  # invisible to the version counter: only the new step protects against it
+    e = stager.stage([x], step=2)
+    assert e is not None and e.views is not d.views and torch.equal(e.views[0], x)
+    e.release()
+    f = stager.stage([x])  # no step given: never reused
+    assert f is not None and f.views is not e.views
+    f.release()
 
 
 def test_deferred_copy_is_ordered_before_guarded_writes() -> None:
@@ -203,4 +210,38 @@ def test_mixed_deferral_copies_shared_storage_eagerly() -> None:
     assert staged is not None and not staged.deferred
     base.zero_()
     assert torch.equal(staged.views[0], torch.arange(10.0))
+    staged.release()
+
+
+def test_copies_of_device_storage_keep_their_device_tag() -> None:
+    """A file written from a staged copy records the source device (as torch.save of the original would)."""
+    from async_ckpt import snapshot
+
+    stager = Stager(max_pending=1)
+    x = torch.arange(6.0)
+    staged = stager.stage([x])
+    assert staged is not None
+    buf = staged.views[0]
+    key = (buf.untyped_storage().data_ptr(), buf.untyped_storage().nbytes())
+    seen: list[str] = []
+
+    def record(storage: object, location: str) -> object:
+        seen.append(location)
+        return storage
+
+    snapshot._DEVICE_OF_BUFFER[key] = "cuda:3"  # what a buffer set for a GPU layout registers
+    try:
+        data = io.BytesIO()
+        torch.save({"x": buf}, data)
+    finally:
+        del snapshot._DEVICE_OF_BUFFER[key]
+    data.seek(0)
+    loaded = torch.load(data, map_location=record, weights_only=True)
+    assert seen == ["cuda:3"] and torch.equal(loaded["x"], x)
+    plain = io.BytesIO()
+    torch.save({"x": buf}, plain)
+    plain.seek(0)
+    seen.clear()
+    torch.load(plain, map_location=record, weights_only=True)
+    assert seen == ["cpu"]
     staged.release()

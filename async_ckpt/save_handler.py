@@ -174,6 +174,11 @@ class SavePipeline:
         while self._deferred:
             self._deferred.pop(0).guard()
 
+    def prewarm(self) -> int:
+        """Allocate the staging buffers for the current layout of the state now (see ``Stager.prewarm``)."""
+        state = {k: v.state_dict() for k, v in self.save_dict.items()}
+        return self.stager.prewarm(flatten(state).tensors)
+
     def has_free_slot(self) -> bool:
         """Whether a save could be staged now without waiting for the writer."""
         return self.stager.has_free_slot()

@@ -84,6 +84,9 @@ class AsyncCheckpointSaver:
         exit_timeout: seconds the interpreter-exit hook waits for pending writes (``None``: unbounded).
         sync_errors: in a distributed run, agree across ranks at every checkpoint event and at ``COMPLETED``
             (one small all-reduce) whether the saving rank has a write failure, so every rank raises together.
+        prewarm: allocate and touch the staging buffers at ``attach`` instead of during the first save (useful for
+            large or pinned states; the layout must be final by then, e.g. optimizer state already created or
+            loaded, otherwise the first save allocates again).
         resume: rebuild the interval, key-metric and final retention lists from the files an earlier run
             recorded in ``save_dir``'s manifest, so ``n_saved`` pruning continues across restarts.
         preempt_signal: a signal (e.g. ``signal.SIGTERM``, or ``signal.SIGUSR1`` for SLURM) that makes the saver
@@ -128,6 +131,7 @@ class AsyncCheckpointSaver:
         manifest: bool = True,
         exit_timeout: float | None = 600.0,
         sync_errors: bool = True,
+        prewarm: bool = False,
         resume: bool = False,
         preempt_signal: int | None = None,
         preempt_grace_s: float = 60.0,
@@ -244,6 +248,7 @@ class AsyncCheckpointSaver:
             raise ValueError(
                 f"preempt_signal={preempt_signal!r} writes the final checkpoint on the signal; pass save_final=True."
             )
+        self._prewarm = prewarm
         self._preemption = (
             PreemptionGuard(self._save_on_preemption, self._flush_for, preempt_signal, preempt_grace_s)
             if preempt_signal is not None
@@ -290,6 +295,8 @@ class AsyncCheckpointSaver:
                 self.logger.info(f"async_ckpt: removed {len(removed)} temporary file(s) of an interrupted run")
         if self._preemption is not None:
             self._preemption.install(engine)
+        if self._prewarm and self._handlers and idist.get_rank() == 0:
+            self._pipeline.prewarm()
 
     def _delete_previous_final_ckpt(self) -> None:
         if self._final_checkpoint is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import logging
 import pickle
 import threading
 import time
@@ -29,6 +30,8 @@ import torch
 from tensordict import TensorDict
 
 __all__ = ["Flat", "Staged", "Stager", "flatten", "unflatten"]
+
+logger = logging.getLogger("async_ckpt")
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ def _untag(keys: list[tuple[int, int]]) -> None:
 class _BufferSet:
     """Host buffers for one snapshot in flight, one per source storage, kept in a ``TensorDict``."""
 
-    def __init__(self, layout: tuple[tuple[int, str], ...], pin: bool) -> None:
+    def __init__(self, layout: tuple[tuple[int, str], ...], pin: bool, touch: bool = False) -> None:
         self.layout = layout
         self.pinned = pin
         t0 = time.perf_counter()
@@ -213,6 +216,9 @@ class _BufferSet:
             {str(i): torch.empty(n, dtype=torch.uint8, pin_memory=pin) for i, (n, _) in enumerate(layout)},
             batch_size=[],
         )
+        if touch:  # fault the pages in now, so the first copy into them runs at memcpy speed
+            for i in range(len(layout)):
+                self.buffer(i).zero_()
         self.alloc_s = time.perf_counter() - t0
         self.nbytes = sum(n for n, _ in layout)
         tagged = []
@@ -328,11 +334,44 @@ class Stager:
                 self._held_bytes -= self._free.pop(0).nbytes
         waited = time.perf_counter() - t0
         if match is None:
-            match = _BufferSet(layout, pin)
-            with self._cond:
-                self.allocations += 1
-                self._held_bytes += match.nbytes
+            match = self._allocate(layout, pin, touch=False)
         return match, waited
+
+    def _allocate(self, layout: tuple[tuple[int, str], ...], pin: bool, touch: bool) -> _BufferSet:
+        bufset = _BufferSet(layout, pin, touch)
+        with self._cond:
+            self.allocations += 1
+            self._held_bytes += bufset.nbytes
+        logger.info(
+            "async_ckpt: allocated %.1f MiB of %sstaging buffers in %.3fs",
+            bufset.nbytes / 2**20,
+            "pinned " if pin else "",
+            bufset.alloc_s,
+        )
+        return bufset
+
+    def prewarm(self, tensors: Sequence[torch.Tensor]) -> int:
+        """Allocate (and touch) every buffer set for the layout of ``tensors`` now, off the first save's clock.
+
+        Pinned allocation in particular is slow (seconds for tens of GiB). Sets for the layout that are already
+        held count; the pool never holds more than ``max_pending`` sets.
+
+        Returns:
+            How many buffer sets were allocated.
+        """
+        plan = _plan(tensors)
+        pin = any(s.device.type == "cuda" for s in plan.storages) and torch.cuda.is_available()
+        made = 0
+        while True:
+            with self._cond:
+                if len(self._free) + self._in_use >= self.max_pending:
+                    return made
+            bufset = self._allocate(plan.layout, pin, touch=True)
+            bufset.alloc_s = 0.0  # paid here, not by a save
+            with self._cond:
+                self._free.append(bufset)
+                self._cond.notify_all()
+            made += 1
 
     def _give_back(self, bufset: _BufferSet) -> None:
         with self._cond:

@@ -238,3 +238,14 @@ def test_public_api_is_pinned() -> None:
     ]
     for name in async_ckpt.__all__:
         assert getattr(async_ckpt, name) is not None
+
+
+def test_prewarm_at_attach_takes_allocation_off_the_first_save(tmp_path: os.PathLike[str]) -> None:
+    """With prewarm=True the buffers exist after attach, and no save allocates (optimizer state created first)."""
+    tr = make_training()
+    _step_again(tr.net, tr.opt)  # the optimizer state exists, so the layout is final
+    with AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1, prewarm=True) as saver:
+        saver.attach(tr.engine)
+        assert saver._pipeline.stager.allocations == 2
+        tr.engine.run(tr.data, max_epochs=3)
+    assert saver._pipeline.stager.allocations == 2

@@ -245,3 +245,18 @@ def test_copies_of_device_storage_keep_their_device_tag() -> None:
     torch.load(plain, map_location=record, weights_only=True)
     assert seen == ["cpu"]
     staged.release()
+
+
+def test_prewarm_allocates_up_front_within_the_bound() -> None:
+    """prewarm() fills the pool to max_pending sets for the layout, and the next saves allocate nothing."""
+    stager = Stager(max_pending=2)
+    src = [torch.randn(1000), torch.randn(10, 10)]
+    assert stager.prewarm(src) == 2 and stager.allocations == 2
+    assert stager.prewarm(src) == 0
+    a = stager.stage(src)
+    src[0].add_(1)
+    b = stager.stage(src)
+    assert a is not None and b is not None and stager.allocations == 2 and a.alloc_s == 0.0 and b.alloc_s == 0.0
+    assert torch.equal(b.views[0], src[0])
+    a.release()
+    b.release()

@@ -58,10 +58,24 @@ class PreemptionGuard:
                 f"preempt_signal={self.signum.name} needs attach() to run in the main thread, where Python handles "
                 "signals; attach from the main thread or leave preempt_signal=None."
             )
+        self._take()
+        engine.add_event_handler(Events.STARTED, lambda _: self._take())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._at_safe_point)
+        engine.add_event_handler(Events.COMPLETED, self._at_run_end)
+
+    def _take(self) -> None:
         if not self._installed:  # a second engine shares the handler; the previous one stays the user's
             self._previous = signal.signal(self.signum, self._on_signal)
             self._installed = True
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._at_safe_point)
+
+    def _at_run_end(self, engine: Engine) -> None:
+        """After COMPLETED's final save: hand on a signal that came after the last iteration, else give it back."""
+        if self.requested:
+            self.requested = False
+            self._flush(self.grace_s)
+            self._hand_on()
+        else:
+            self.uninstall()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -84,7 +98,11 @@ class PreemptionGuard:
             self._hand_on()
 
     def uninstall(self) -> None:
-        """Give the signal back to the handler that was there before."""
+        """Give the signal back to the handler that was there before (handing on one that is still pending)."""
+        if self.requested and self._installed:
+            self.requested = False
+            self._hand_on()
+            return
         if self._installed:
             signal.signal(self.signum, self._previous)
             self._installed = False

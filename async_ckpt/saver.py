@@ -467,7 +467,7 @@ class AsyncCheckpointSaver:
             items = [
                 Checkpoint.Item(priority, fname)
                 for priority, fname in saved_items(str(self.save_dir), handler.reason, prefix)
-                if handler.filename is None or fname == handler.filename
+                if fname == (handler.filename or _ignite_file_name(checkpoint, name, priority))
             ]
             checkpoint._saved = items
 
@@ -531,3 +531,18 @@ def _check_writable(save_dir: str) -> None:
         ) from exc
     os.close(fd)
     os.unlink(probe)
+
+
+def _ignite_file_name(checkpoint: Checkpoint, name: str, priority: Any) -> str:
+    """The file name ignite's ``Checkpoint.__call__`` gives a save scored ``priority``."""
+    import numbers
+
+    score = f"{priority}" if isinstance(priority, numbers.Integral) else f"{priority:.4f}"
+    return checkpoint._get_filename_pattern(None).format(
+        filename_prefix=checkpoint.filename_prefix,
+        ext=checkpoint.ext,
+        name=name,
+        score_name=checkpoint.score_name,
+        score=score,
+        global_step=None,
+    )

@@ -610,7 +610,7 @@ class ShardedCheckpointSaver:
                 planner=DefaultSavePlanner(dedup_save_to_lowest_rank=self.replicas_from_rank0),
                 no_dist=not self._distributed,
             )
-        except Exception as exc:
+        except Exception as exc:  # raised here, it surfaces on every rank at the next save or wait()
             failed: Future[Any] = Future()
             failed.set_exception(exc)
             result = failed
@@ -717,7 +717,11 @@ class ShardedCheckpointSaver:
         prefix = f"{self.file_prefix}_" if self.file_prefix else ""
         pattern = re.compile(rf"^{re.escape(prefix)}checkpoint_{unit}=(\d+)$")
         found: list[tuple[int, str]] = []
-        for name in os.listdir(self.save_dir):
+        try:
+            names = os.listdir(self.save_dir)
+        except FileNotFoundError:  # not shared with rank 0: nothing to adopt (rank 0's list is what counts)
+            names = []
+        for name in names:
             m = pattern.match(name)
             path = os.path.join(self.save_dir, name)
             if m is not None and os.path.isfile(os.path.join(path, METADATA_NAME)):

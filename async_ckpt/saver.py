@@ -443,8 +443,22 @@ class AsyncCheckpointSaver:
         checkpoint, added, evicted = failure.job.tag
         handler = self._handlers[id(checkpoint)]
         kept = [it for it in checkpoint._saved if it not in added]
-        back = [it for it in evicted if os.path.exists(handler.path_for(it.filename)) and it not in kept]
-        checkpoint._saved = sorted(kept + back, key=lambda it: it[0])
+        # An evicted file comes back only if it is still on disk and no kept entry now owns its path (a fixed
+        # file name rewritten by a later, successful save holds that save's state, not the evicted one's).
+        taken = {handler.path_for(it.filename) for it in kept}
+        back = [
+            it
+            for it in evicted
+            if it not in kept
+            and handler.path_for(it.filename) not in taken
+            and os.path.exists(handler.path_for(it.filename))
+        ]
+        items = sorted(kept + back, key=lambda it: it[0])
+        # Saves queued after the failed one may have evicted on the assumption that it existed: keep the list
+        # within n_saved, dropping the lowest entries; their files go after the next durable save, as ignite's do.
+        while checkpoint.n_saved is not None and len(items) > checkpoint.n_saved:
+            handler.remove(items.pop(0).filename)
+        checkpoint._saved = items
 
     def _save_on_preemption(self, engine: Engine) -> None:
         assert self._final_checkpoint is not None

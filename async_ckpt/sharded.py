@@ -4,7 +4,8 @@ Every rank writes its own shard of the state (its DTensor/FSDP shards; replicate
 one rank) with ``dcp.async_save``; this module adds the guarantees of :mod:`async_ckpt` on top:
 
 * **Atomic visibility.** A checkpoint is written into a directory whose name carries
-  :data:`~async_ckpt.storage.TMP_MARKER` (``<final><marker><pid>-<token>-<n>``). It appears under its final name by
+  :data:`~async_ckpt.storage.TMP_MARKER` (``<final><marker><host>.<pid>.<token>.<n>``, rank 0's host and process
+  id). It appears under its final name by
   one ``rename`` on rank 0, and only after every shard file, every rank's directory entries and the ``.metadata``
   file have been fsynced. A directory without the marker is either absent or a complete checkpoint.
 * **Completion known on rank 0 without extra collectives.** DCP's own last step gathers every rank's write result
@@ -64,7 +65,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future as TorchFuture
 
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
-from async_ckpt.storage import TMP_MARKER, FileStorage, is_temp_name
+from async_ckpt.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name
 
 __all__ = [
     "DurableFileSystemWriter",
@@ -248,10 +249,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temp_dirs(save_dir: str) -> list[str]:
-    """Delete the temporary checkpoint directories (and files) of writers that no longer run.
+def _temp_dir_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of the rank 0 that created the temporary checkpoint directory ``name``, or ``None``.
 
-    The process id in a temporary name is rank 0's; a name whose process is alive on this host is left alone.
+    The names have four dot-separated fields after the marker (``<host>.<pid>.<token>.<n>``), so the file saver's
+    cleanup (which parses three) never takes them for its own temporary files.
+    """
+    if TMP_MARKER not in name:
+        return None
+    parts = name.rsplit(TMP_MARKER, 1)[1].split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def remove_stale_temp_dirs(save_dir: str) -> list[str]:
+    """Delete the temporary checkpoint directories that a sharded saver of a finished or crashed run left behind.
+
+    Only names written on this host by a process that no longer runs are removed (the process is rank 0's); those
+    of a live process or of another host sharing the directory are left alone.
     """
     removed: list[str] = []
     try:
@@ -259,10 +275,8 @@ def remove_stale_temp_dirs(save_dir: str) -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
-        if TMP_MARKER not in name:
-            continue
-        pid_part = name.rsplit(TMP_MARKER, 1)[1].split("-", 1)[0]
-        if not pid_part.isdigit() or _pid_alive(int(pid_part)):
+        owner = _temp_dir_owner(name)
+        if owner is None or owner[0] != _HOST or _pid_alive(owner[1]):
             continue
         path = os.path.join(save_dir, name)
         try:
@@ -465,7 +479,7 @@ class ShardedCheckpointSaver:
         self._dcp_group: dist.ProcessGroup | None = None
         self._ctl_group: dist.ProcessGroup | None = None
         setup_error: BaseException | None = None
-        token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        token = f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         if self.rank == 0:
             try:
                 os.makedirs(self.save_dir, exist_ok=True)
@@ -598,7 +612,7 @@ class ShardedCheckpointSaver:
 
     def _launch(self, name: str, staged: StateDict) -> None:
         final = os.path.join(self.save_dir, name)
-        tmp = f"{final}{TMP_MARKER}{self._token}-{self._counter}"
+        tmp = f"{final}{TMP_MARKER}{self._token}.{self._counter}"
         self._counter += 1
         writer = DurableFileSystemWriter(tmp, self.storage, sync_files=self.fsync, thread_count=self.thread_count)
         try:
@@ -660,7 +674,7 @@ class ShardedCheckpointSaver:
     def _rename_into_place(self, tmp: str, final: str) -> None:
         if os.path.lexists(final):
             if not _rename_exchange(tmp, final):  # no atomic swap here: a short window without ``final``
-                aside = f"{final}{TMP_MARKER}{self._token}-old{self._counter}"
+                aside = f"{final}{TMP_MARKER}{self._token}.old{self._counter}"
                 self.storage._replace(final, aside)
                 self.storage._replace(tmp, final)
                 tmp = aside
@@ -671,7 +685,7 @@ class ShardedCheckpointSaver:
         self.storage.sync_dir(self.save_dir)
 
     def _remove_checkpoint(self, path: str) -> None:
-        aside = f"{path}{TMP_MARKER}{self._token}-del{self._counter}"
+        aside = f"{path}{TMP_MARKER}{self._token}.del{self._counter}"
         try:
             self.storage._replace(path, aside)
         except FileNotFoundError:

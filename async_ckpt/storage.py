@@ -59,10 +59,15 @@ class _TimedFile:
         self._raw = raw
         self.nbytes = 0
         self.write_s = 0.0
+        self.error: OSError | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         t0 = time.perf_counter()
-        n = self._raw.write(data)
+        try:
+            n = self._raw.write(data)
+        except OSError as exc:  # torch.save would re-raise it as an opaque RuntimeError: keep the real cause
+            self.error = exc
+            raise
         self.write_s += time.perf_counter() - t0
         self.nbytes += n if n is not None else len(data)
         return n if n is not None else len(data)
@@ -151,7 +156,12 @@ class FileStorage:
         try:
             with self._open(tmp) as raw:
                 f = _TimedFile(raw)
-                produce(f)  # type: ignore[arg-type]
+                try:
+                    produce(f)  # type: ignore[arg-type]
+                except Exception as exc:
+                    if f.error is not None and f.error is not exc:
+                        raise f.error from exc
+                    raise
                 t1 = time.perf_counter()
                 raw.flush()
                 times.write_s = f.write_s + (time.perf_counter() - t1)

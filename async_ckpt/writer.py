@@ -196,7 +196,7 @@ class _Worker:
     def join_if_idle(self, timeout: float | None = None) -> None:
         """Join the worker thread if it has nothing left to do (it is then on its way out)."""
         with self._lock:
-            thread = self._thread if not self._queue else None
+            thread = (self._thread or self._exiting) if not self._queue else None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -204,6 +204,8 @@ class _Worker:
         while True:
             with self._lock:
                 if not self._queue:
+                    # Still alive for a moment after this: join_if_idle must be able to find and join it.
+                    self._exiting = self._thread
                     self._thread = None
                     return
                 client, job = self._queue.popleft()
@@ -234,6 +236,7 @@ class _Worker:
         self._lock = threading.Lock()
         self._queue.clear()
         self._thread = None
+        self._exiting = None
         for client in list(self._clients):
             client._cond = threading.Condition()
             client._pending = 0

@@ -1,0 +1,267 @@
+"""Subprocess entry points for the crash-safety and exit tests (not a test module).
+
+Usage: ``python _crash_worker.py MODE DIR [ARGS...]`` with MODE one of
+
+``crash DIR SEED ITERATIONS [FSYNC_DELAY]``
+    Train with an asynchronous saver that saves every iteration (top-2) and the best model under a fixed name, and
+    print one JSON line per iteration with the checkpoints the saver reported durable since the previous line, and
+    one line before each file operation of the writer.
+    (The test runs the same function, ``crash_child``, in children of a multiprocessing forkserver that has torch,
+    ignite and async_ckpt preloaded, so that a trial does not pay for importing torch; lines go over a pipe.)
+``exit-pending DIR``
+    Queue interval checkpoints on a slow disk and end the script without ``wait()``/``close()``; the last line
+    printed says how many were still pending.
+``exit-raise DIR``
+    Train until an injected failure with ``save_final=True`` and let the exception end the process.
+``fork DIR``
+    Fork while a checkpoint is queued; the child exits normally; print how long the child took to exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, BinaryIO
+
+import torch
+from ignite.engine import Engine, Events
+
+from async_ckpt import AsyncCheckpointSaver, FileStorage
+
+torch.set_num_threads(1)
+
+FILL = 1 << 15  # elements of the marker tensor stored next to the iteration number
+
+
+class Tag:
+    """Records the iteration whose state the other objects hold, as a number and as a filled tensor."""
+
+    def __init__(self) -> None:
+        self.iteration = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "fill": torch.full((FILL,), float(self.iteration))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+
+
+class SlowStorage(FileStorage):
+    """A slow disk: every fsync takes ``delay`` seconds longer (a simulated device latency, not synchronization)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(fsync=True)
+        self.delay = delay
+
+    def _fsync_fd(self, fd: int) -> None:
+        time.sleep(self.delay)
+        super()._fsync_fd(fd)
+
+
+class ReportingStorage(FileStorage):
+    """The real disk, plus a line before every file operation (so that a kill can land between any two of them),
+    and optionally a simulated fsync latency."""
+
+    def __init__(self, emit: Callable[[str], None], fsync_delay: float) -> None:
+        super().__init__(fsync=True)
+        self.emit = emit
+        self.delay = fsync_delay
+
+    def _report(self, op: str, path: str) -> None:
+        self.emit(json.dumps({"op": op, "path": os.path.basename(path)}))
+
+    def _open(self, path: str) -> BinaryIO:
+        self._report("open", path)
+        return super()._open(path)
+
+    def _fsync_fd(self, fd: int) -> None:
+        self._report("fsync", "")
+        if self.delay > 0:
+            time.sleep(self.delay)
+        super()._fsync_fd(fd)
+
+    def _replace(self, src: str, dst: str) -> None:
+        self._report("replace", dst)
+        super()._replace(src, dst)
+
+    def _link(self, src: str, dst: str) -> None:
+        self._report("link", dst)
+        super()._link(src, dst)
+
+    def _unlink(self, path: str) -> None:
+        self._report("unlink", path)
+        super()._unlink(path)
+
+
+class GateStorage(FileStorage):
+    """Blocks every write until ``gate`` is set (bounded wait)."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self.gate = threading.Event()
+
+    def _open(self, path: str) -> BinaryIO:
+        if not self.gate.wait(timeout=60):
+            raise TimeoutError("gate never opened")
+        return super()._open(path)
+
+
+def build(width: int, batches: int, fail_at: int | None = None) -> tuple[Engine, dict[str, Any], list[torch.Tensor]]:
+    """A seeded MLP with Adam and a ``Tag``; the step records the iteration it finished in the tag."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, 64))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    tag = Tag()
+    data = [torch.randn(8, 64) for _ in range(batches)]
+
+    def step(engine: Engine, batch: torch.Tensor) -> float:
+        if fail_at is not None and engine.state.iteration == fail_at:
+            raise RuntimeError("boom: injected training failure")
+        opt.zero_grad()
+        loss = net(batch).pow(2).mean()
+        loss.backward()
+        opt.step()
+        tag.iteration = engine.state.iteration
+        return float(loss.item())
+
+    return Engine(step), {"net": net, "opt": opt, "tag": tag}, data
+
+
+def crash(dirname: str, seed: int, iterations: int, emit: Callable[[str], None], fsync_delay: float = 0.0) -> None:
+    """The crash-test training: ``emit`` gets one JSON line per iteration (see the module docstring) and one line
+    (``{"op": ...}``) before each file operation of the writer thread.
+
+    ``fsync_delay`` > 0 simulates a slow disk, so that more kills land while a file is being made durable.
+    """
+    lock = threading.Lock()
+
+    def emit_locked(line: str) -> None:  # the training and the writer thread both emit
+        with lock:
+            emit(line)
+
+    per_epoch = 5
+    torch.manual_seed(seed)
+    # ~1.2 MiB of parameters, ~3.6 MiB with Adam's moments: each durable write takes a moment.
+    engine, save_dict, data = build(width=2304, batches=per_epoch)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _metric(e: Engine) -> None:
+        e.state.metrics["acc"] = float(e.state.epoch)  # improves every epoch: the best file is rewritten
+
+    saver = AsyncCheckpointSaver(
+        dirname,
+        save_dict,
+        save_key_metric=True,
+        key_metric_name="acc",
+        key_metric_filename="best.pt",
+        epoch_level=False,
+        save_interval=1,
+        n_saved=2,
+        storage=ReportingStorage(emit_locked, fsync_delay),
+    )
+    saver.attach(engine)
+    key_iterations: list[int] = []  # iteration of each queued best-model save, in queue (= durable) order
+    seen = 0
+    key_seen = 0
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def _key_queued(e: Engine) -> None:  # runs after the saver's handler queued the best-model save
+        key_iterations.append(e.state.iteration)
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def _report(e: Engine) -> None:
+        nonlocal seen, key_seen
+        saves = saver.stats.saves
+        new, seen = saves[seen:], len(saves)
+        durable = []
+        for s in new:
+            if not s.ok:
+                continue
+            item: dict[str, Any] = {"path": s.path, "reason": s.reason}
+            if s.reason == "key_metric":
+                item["iteration"] = key_iterations[key_seen]
+                key_seen += 1
+            durable.append(item)
+        emit_locked(json.dumps({"it": e.state.iteration, "durable": durable}))
+
+    engine.run(data, max_epochs=-(-iterations // per_epoch))
+    saver.close()
+
+
+def crash_child(conn: Connection, dirname: str, seed: int, iterations: int, fsync_delay: float) -> None:
+    """``crash`` in a forkserver child (the test's fast path): each line is one message on ``conn``."""
+    crash(dirname, seed, iterations, lambda line: conn.send_bytes(line.encode()), fsync_delay)
+    conn.send_bytes(b"DONE")
+
+
+def _print_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def exit_pending(dirname: str) -> None:
+    engine, save_dict, data = build(width=256, batches=6)
+    saver = AsyncCheckpointSaver(
+        dirname, save_dict, epoch_level=False, save_interval=1, n_saved=2, max_pending=8, storage=SlowStorage(0.05)
+    )
+    # Registered by hand instead of attach(): nothing flushes at COMPLETED, only the interpreter-exit hook can.
+    engine.add_event_handler(Events.ITERATION_COMPLETED, saver.interval_completed)
+    engine.run(data, max_epochs=1)
+    print(json.dumps({"pending": saver._pipeline.client.pending}), flush=True)
+    # no wait(), no close(): the script just ends
+
+
+def exit_raise(dirname: str) -> None:
+    engine, save_dict, data = build(width=256, batches=6, fail_at=4)
+    saver = AsyncCheckpointSaver(
+        dirname,
+        save_dict,
+        save_final=True,
+        final_filename="final.pt",
+        epoch_level=False,
+        save_interval=1,
+        n_saved=2,
+        storage=SlowStorage(0.05),
+    )
+    saver.attach(engine)
+    engine.run(data, max_epochs=1)  # raises RuntimeError("boom ...") out of the script
+
+
+def fork(dirname: str) -> None:
+    engine, save_dict, _ = build(width=16, batches=1)
+    storage = GateStorage()
+    saver = AsyncCheckpointSaver(
+        dirname, save_dict, epoch_level=False, save_interval=1, exit_timeout=10.0, storage=storage
+    )
+    engine.state.iteration = 1
+    engine.state.epoch = 1
+    saver.interval_completed(engine)  # queued; the writer is held at the gate
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a normal exit: the interpreter-exit hook runs in the child
+    _, status = os.waitpid(pid, 0)
+    child_s = time.monotonic() - t0
+    storage.gate.set()
+    saver.close()
+    print(json.dumps({"child_exit_s": child_s, "child_status": status}), flush=True)
+
+
+if __name__ == "__main__":
+    mode, directory = sys.argv[1], sys.argv[2]
+    if mode == "crash":
+        delay = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+        crash(directory, int(sys.argv[3]), int(sys.argv[4]), _print_line, delay)
+    elif mode == "exit-pending":
+        exit_pending(directory)
+    elif mode == "exit-raise":
+        exit_raise(directory)
+    elif mode == "fork":
+        fork(directory)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")

@@ -175,6 +175,7 @@ class _Worker:
         self._lock = threading.Lock()
         self._queue: collections.deque[tuple[WriterClient, WriteJob]] = collections.deque()
         self._thread: threading.Thread | None = None
+        self._exiting: threading.Thread | None = None
         # Weak: a saver that is dropped without close() must not keep its buffers alive through the writer.
         self._clients: weakref.WeakSet[WriterClient] = weakref.WeakSet()
 

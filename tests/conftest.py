@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
+from async_ckpt.storage import TMP_MARKER
 from async_ckpt.writer import THREAD_NAME, flush_all
 
 
@@ -78,6 +80,21 @@ def trees_equal(a: Any, b: Any) -> bool:
     if isinstance(a, float) and a != a:
         return b != b
     return bool(a == b)
+
+
+def checkpoint_names(directory: str | os.PathLike[str]) -> list[str]:
+    """Sorted names of the files in ``directory`` that are neither temporary files nor hidden (the manifest)."""
+    return sorted(n for n in os.listdir(directory) if TMP_MARKER not in n and not n.startswith("."))
+
+
+def temp_names(directory: str | os.PathLike[str]) -> list[str]:
+    """Sorted names of async_ckpt's temporary files in ``directory``."""
+    return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """Load a checkpoint the strict way users do (``weights_only``), onto the CPU."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def clone_tree(tree: Any) -> Any:

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import clone_tree, trees_equal
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.snapshot import Stager
-from tests.conftest import clone_tree, trees_equal
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -18,7 +18,10 @@ from typing import Any, BinaryIO
 
 import pytest
 import torch
+from conftest import checkpoint_names as _names
+from conftest import load_checkpoint as _load
 from conftest import make_training
+from conftest import temp_names as _temps
 from ignite.engine import Events
 
 from async_ckpt import AsyncCheckpointSaver, FileStorage, WriterClosedError
@@ -40,18 +43,6 @@ def _run_worker(mode: str, directory: Path) -> subprocess.CompletedProcess[str]:
         timeout=PROCESS_TIMEOUT,
         env=env,
     )
-
-
-def _names(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if TMP_MARKER not in p.name and not p.name.startswith("."))
-
-
-def _temps(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if TMP_MARKER in p.name)
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _assert_holds_iteration(path: Path, iteration: int) -> None:

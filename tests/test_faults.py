@@ -20,7 +20,10 @@ from typing import Any, BinaryIO
 
 import pytest
 import torch
+from conftest import checkpoint_names as _names
 from conftest import clone_tree, make_training, trees_equal
+from conftest import load_checkpoint as _load
+from conftest import temp_names as _temps
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver, CheckpointWriteError, FileStorage
@@ -191,17 +194,6 @@ class _OnWait(threading.Condition):
 
 
 # -- helpers -------------------------------------------------------------------------------------------------------
-def _names(directory: Path) -> list[str]:
-    """Checkpoint files in ``directory`` (not temporary files, not the manifest)."""
-    return sorted(p.name for p in directory.iterdir() if TMP_MARKER not in p.name and not p.name.startswith("."))
-
-
-def _temps(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if TMP_MARKER in p.name)
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _state(save_dict: dict[str, Any]) -> dict[str, Any]:

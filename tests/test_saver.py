@@ -8,13 +8,13 @@ from typing import Any, BinaryIO
 
 import pytest
 import torch
+from conftest import clone_tree, make_training, trees_equal
 from ignite.engine import Engine, Events
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.storage import FileStorage
 from async_ckpt.writer import worker_alive
-from tests.conftest import clone_tree, make_training, trees_equal
 
 
 def _load(path: str) -> Any:

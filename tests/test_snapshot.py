@@ -8,11 +8,11 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import clone_tree, trees_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from async_ckpt.snapshot import Stager, flatten, unflatten
-from tests.conftest import clone_tree, trees_equal
 
 
 def _stage_tree(stager: Stager, tree: object, **kwargs: object) -> tuple[object, object]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -19,11 +20,25 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-__all__ = ["PreemptionGuard"]
+__all__ = ["PreemptionGuard", "outermost_running_engine"]
 
 logger = logging.getLogger("async_ckpt")
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+def outermost_running_engine() -> Engine | None:
+    """The engine of the outermost ``Engine.run`` call on this thread's stack, if any."""
+    code = Engine.run.__code__
+    frame = sys._getframe(1)
+    outer = None
+    while frame is not None:
+        if frame.f_code is code:
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Engine):
+                outer = candidate
+        frame = frame.f_back  # type: ignore[assignment]
+    return outer
 
 
 class PreemptionGuard:
@@ -69,7 +84,13 @@ class PreemptionGuard:
             self._installed = True
 
     def _at_run_end(self, engine: Engine) -> None:
-        """After COMPLETED's final save: hand on a signal that came after the last iteration, else give it back."""
+        """After COMPLETED's final save: hand on a signal that came after the last iteration, else give it back.
+
+        An engine run inside another one (an evaluator run by the trainer) is not the end of the run.
+        """
+        outer = outermost_running_engine()
+        if outer is not None and outer is not engine:
+            return
         if self.requested:
             self.requested = False
             self._flush(self.grace_s)

@@ -78,9 +78,18 @@ class SavePipeline:
 
     # -- the training-thread path --------------------------------------------------------------------------------
     def save(
-        self, checkpoint: Any, path: str, removes: list[str], reason: str, info: dict[str, Any] | None = None
+        self,
+        checkpoint: Any,
+        path: str,
+        removes: list[str],
+        reason: str,
+        info: dict[str, Any] | None = None,
+        step: Any = None,
     ) -> WriteJob:
         """Stage ``checkpoint`` and queue it to become ``path``; queue ``removes`` to run once it is durable.
+
+        ``step`` identifies the training step (e.g. run, iteration, epoch): a snapshot is reused for another save only
+        at the same step, with unchanged tensors. ``None`` never reuses.
 
         Returns when the checkpoint is training-safe: in eager mode every tensor has been copied; in overlap mode
         the parameters and optimizer state are being copied, and the optimizers' next ``step()`` waits for it.
@@ -99,7 +108,6 @@ class SavePipeline:
             ) from exc
         defer = self._deferrable(flat.tensors)
         previous = self.stager._last
-        step = (info or {}).get("iteration"), (info or {}).get("epoch")
         staged = self.stager.stage(flat.tensors, block=True, reuse=self.options.dedup, defer=defer, step=step)
         assert staged is not None  # block=True always returns a snapshot
         reused = previous is not None and staged.views is previous.views
@@ -283,6 +291,7 @@ class AsyncSaveHandler(DiskSaver):
         self._removes: list[str] = []
         self.last_job: WriteJob | None = None
         self.context: dict[str, Any] = {}
+        self.step: Any = None
 
     def path_for(self, filename: str) -> str:
         """The final path a file name given by ignite maps to."""
@@ -299,13 +308,21 @@ class AsyncSaveHandler(DiskSaver):
         # Removing the name being rewritten would open a window with no file: the atomic replace covers it.
         removes = [p for p in self._removes if p != path]
         self._removes = []
-        self.last_job = self._pipeline.save(checkpoint, path, removes, self.reason, info)
+        self.last_job = self._pipeline.save(checkpoint, path, removes, self.reason, info, step=self.step)
 
     def remove(self, filename: str) -> None:
         if idist.get_rank() != self.save_on_rank:
             return
         self._removes.append(self.path_for(filename))
 
-    def discard_removes(self) -> None:
-        """Forget removals requested for a save that did not happen (the files stay)."""
-        self._removes.clear()
+    def retry_removes(self, paths: list[str]) -> None:
+        """Queue removals that failed or never ran again, to run after this handler's next durable save."""
+        self._removes.extend(p for p in paths if p not in self._removes)
+
+    def pending_removes(self) -> list[str]:
+        """The removals waiting for this handler's next durable save."""
+        return list(self._removes)
+
+    def restore_removes(self, removes: list[str]) -> None:
+        """Put back the waiting removals as they were before a save that did not happen."""
+        self._removes = list(removes)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ from ignite.handlers import Checkpoint
 
 from async_ckpt.errors import CheckpointWriteError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
-from async_ckpt.preemption import PreemptionGuard
+from async_ckpt.preemption import PreemptionGuard, outermost_running_engine
 from async_ckpt.resume import remove_stale_temp_files, saved_items
 from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, failure_to_error
 from async_ckpt.storage import FileStorage
@@ -163,6 +162,7 @@ class AsyncCheckpointSaver:
         self._final_filename = final_filename
         self._closed = False
         self._flush_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+        self._runs: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
         if save_final or save_key_metric or save_interval > 0:
             _check_state_dicts(save_dict)
         if save_key_metric and key_metric_n_saved is not None and key_metric_n_saved < 1:
@@ -289,6 +289,7 @@ class AsyncCheckpointSaver:
             else:
                 engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.interval_completed)
         if self._handlers:
+            engine.add_event_handler(Events.STARTED, self._count_run)
             engine.add_event_handler(Events.COMPLETED, self._run_completed)
             removed = remove_stale_temp_files(str(self.save_dir)) if idist.get_rank() == 0 else []
             if removed:
@@ -424,11 +425,15 @@ class AsyncCheckpointSaver:
         before = list(checkpoint._saved)
         handler.last_job = None
         handler.context = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
+        # An evaluator restarts its counters at every run(): the run count keeps each round a step of its own.
+        handler.step = (self._runs.get(engine, 0), engine.state.iteration, engine.state.epoch)
+        pending_removes = handler.pending_removes()
         try:
             checkpoint(engine)
         except BaseException:
+            # Nothing was queued: the list is as before, and so are the removals waiting for the next save.
             checkpoint._saved = before
-            handler.discard_removes()
+            handler.restore_removes(pending_removes)
             raise
         job = handler.last_job
         if job is not None:
@@ -436,12 +441,18 @@ class AsyncCheckpointSaver:
             job.tag = (checkpoint, [it for it in after if it not in before], [it for it in before if it not in after])
 
     def _roll_back(self, failure: Failure) -> None:
-        if failure.stage == "remove" or not isinstance(failure.job.tag, tuple):
+        """Make the failed job's ``Checkpoint`` bookkeeping match what is on disk again."""
+        job, result = failure.job, failure.job.result
+        if not isinstance(job.tag, tuple) or result is None:
             return
-        if failure.job.result is not None and failure.job.result.ok:  # the file itself is durable
-            return
-        checkpoint, added, evicted = failure.job.tag
+        checkpoint, added, evicted = job.tag
         handler = self._handlers[id(checkpoint)]
+        if result.committed:
+            # The new file is under its final name (the failure came after the rename: a directory fsync, an
+            # eviction, the manifest). It stays in the list; evictions that did not happen are retried after the
+            # next durable save of this list, so no file is left behind untracked.
+            handler.retry_removes([p for p in job.removes if p not in result.removed and p != job.path])
+            return
         kept = [it for it in checkpoint._saved if it not in added]
         # An evicted file comes back only if it is still on disk and no kept entry now owns its path (a fixed
         # file name rewritten by a later, successful save holds that save's state, not the evicted one's).
@@ -459,6 +470,10 @@ class AsyncCheckpointSaver:
         while checkpoint.n_saved is not None and len(items) > checkpoint.n_saved:
             handler.remove(items.pop(0).filename)
         checkpoint._saved = items
+        # Removals the failed job carried for files that are not back in the list (evictions retried from earlier
+        # failures) must not be forgotten either.
+        listed = {handler.path_for(it.filename) for it in items}
+        handler.retry_removes([p for p in job.removes if p not in listed and p != job.path])
 
     def _save_on_preemption(self, engine: Engine) -> None:
         assert self._final_checkpoint is not None
@@ -497,7 +512,7 @@ class AsyncCheckpointSaver:
         An evaluator completes once per validation round; waiting there would make the trainer wait for every
         best-model write. Instead the flush is registered once on the outermost running engine.
         """
-        outer = _outermost_running_engine()
+        outer = outermost_running_engine()
         if outer is None or outer is engine:
             self.wait(barrier=True)
             return
@@ -505,22 +520,11 @@ class AsyncCheckpointSaver:
             self._flush_engines.add(outer)
             outer.add_event_handler(Events.COMPLETED, self._flush_outer)
 
+    def _count_run(self, engine: Engine) -> None:
+        self._runs[engine] = self._runs.get(engine, 0) + 1
+
     def _flush_outer(self, engine: Engine) -> None:
         self.wait(barrier=True)
-
-
-def _outermost_running_engine() -> Engine | None:
-    """The engine of the outermost ``Engine.run`` call on this thread's stack, if any."""
-    code = Engine.run.__code__
-    frame = sys._getframe(1)
-    outer = None
-    while frame is not None:
-        if frame.f_code is code:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Engine):
-                outer = candidate
-        frame = frame.f_back  # type: ignore[assignment]
-    return outer
 
 
 def _check_state_dicts(save_dict: Mapping[str, Any]) -> None:

@@ -176,7 +176,7 @@ class FileStorage:
             self._discard(tmp)
             raise
         t3 = time.perf_counter()
-        self.sync_dir(os.path.dirname(path))
+        self._sync_committed(path)
         times.fsync_s += time.perf_counter() - t3
         times.total_s = time.perf_counter() - t0
         return times
@@ -200,8 +200,20 @@ class FileStorage:
         except BaseException:
             self._discard(tmp)
             raise
-        self.sync_dir(os.path.dirname(dst))
+        self._sync_committed(dst)
         return WriteTimes(nbytes=0, total_s=time.perf_counter() - t0)
+
+    def _sync_committed(self, path: str) -> None:
+        """fsync the directory of a file just renamed into place.
+
+        If that fails, the file is complete under its final name but the rename may not survive a power cut; the
+        error is marked with ``committed_path`` so the caller can tell this from a write that left nothing.
+        """
+        try:
+            self.sync_dir(os.path.dirname(path))
+        except OSError as exc:
+            exc.committed_path = path  # type: ignore[attr-defined]
+            raise
 
     def remove(self, path: str) -> bool:
         """Remove ``path`` durably; a file that is already gone is not an error.

@@ -36,9 +36,14 @@ THREAD_NAME = "async_ckpt-writer"
 
 @dataclass
 class JobResult:
-    """What happened to one job, passed to its ``on_done`` callback on the worker thread."""
+    """What happened to one job, passed to its ``on_done`` callback on the worker thread.
+
+    ``committed`` is true when the file reached its final name even though the job failed afterwards (the
+    directory fsync failed): the file is complete, only the durability of its name is in doubt.
+    """
 
     ok: bool
+    committed: bool = False
     linked: bool = False
     times: WriteTimes = field(default_factory=WriteTimes)
     error: BaseException | None = None
@@ -265,7 +270,7 @@ def _execute(storage: FileStorage, job: WriteJob) -> Failure | None:
                 raise RuntimeError(f"nothing to write for {job.path!r}: the file it was to be linked from failed")
             stage = "write"
             result.times = storage.write_atomic(job.path, job.produce)
-        result.ok = True
+        result.ok = result.committed = True
         result.durable_at = time.perf_counter()
         stage = "remove"
         for path in job.removes:
@@ -273,13 +278,14 @@ def _execute(storage: FileStorage, job: WriteJob) -> Failure | None:
                 result.removed.append(path)
     except BaseException as exc:
         result.error = exc
+        result.committed = result.ok or getattr(exc, "committed_path", None) == job.path
         failure = Failure(job, exc, stage)
     job.result = result
     if job.on_done is not None:
         try:
             job.on_done(result)
         except BaseException as exc:
-            logger.exception("async_ckpt: on_done callback for %s failed", job.path)
+            logger.debug("async_ckpt: on_done callback for %s failed", job.path, exc_info=True)
             if failure is None:
                 failure = Failure(job, exc, "callback")
     return failure

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import os
-import threading
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 import torch
-from conftest import clone_tree, make_training, trees_equal
+from _doubles import GatedStorage
+from conftest import checkpoint_names as _checkpoints
+from conftest import clone_tree, iteration_saver, make_training, trees_equal
+from conftest import load_checkpoint as _load
 from ignite.engine import Engine, Events
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.storage import FileStorage
 from async_ckpt.writer import worker_alive
-
-
-def _load(path: str) -> Any:
-    return torch.load(path, weights_only=True)
-
-
-def _checkpoints(directory: str | os.PathLike[str]) -> list[str]:
-    return sorted(f for f in os.listdir(directory) if f.endswith(".pt"))
 
 
 def _mutate_everything(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -53,9 +46,7 @@ def test_file_holds_the_state_at_the_event(tmp_path: os.PathLike[str], mode: str
     def _reference(engine: Engine) -> None:  # registered before the saver: runs first
         expected[engine.state.iteration] = clone_tree({"net": tr.net.state_dict(), "opt": tr.opt.state_dict()})
 
-    with AsyncCheckpointSaver(
-        str(tmp_path), tr.save_dict, save_interval=1, epoch_level=False, snapshot_mode=mode
-    ) as saver:
+    with iteration_saver(tmp_path, tr, snapshot_mode=mode) as saver:
         saver.attach(tr.engine)
 
         @tr.engine.on(Events.ITERATION_COMPLETED)
@@ -73,7 +64,7 @@ def test_overlap_mode_writes_the_same_files_as_eager(tmp_path: os.PathLike[str])
     for mode in ("eager", "overlap"):
         tr = make_training(seed=3)
         d = os.path.join(tmp_path, mode)
-        with AsyncCheckpointSaver(d, tr.save_dict, save_interval=1, epoch_level=False, snapshot_mode=mode) as s:
+        with iteration_saver(d, tr, snapshot_mode=mode) as s:
             s.attach(tr.engine)
             tr.engine.run(tr.data, max_epochs=3)
         outs[mode] = {f: _load(os.path.join(d, f)) for f in _checkpoints(d)}
@@ -131,18 +122,6 @@ def test_key_metric_with_save_state_is_its_own_file(tmp_path: os.PathLike[str]) 
     assert best["checkpointer"]["_saved"] == [(0.5, "checkpoint_key_metric=0.5000.pt")]
 
 
-class GatedStorage(FileStorage):
-    """Holds every write until ``gate`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__(fsync=False)
-        self.gate = threading.Event()
-
-    def _open(self, path: str) -> BinaryIO:
-        assert self.gate.wait(timeout=60), "gate never opened"
-        return super()._open(path)
-
-
 def test_evaluator_saver_does_not_make_the_trainer_wait(tmp_path: os.PathLike[str]) -> None:
     """A key-metric saver on an evaluator run every epoch lets the trainer go on; trainer.run() flushes it."""
     tr = make_training(batches=2)
@@ -165,7 +144,7 @@ def test_evaluator_saver_does_not_make_the_trainer_wait(tmp_path: os.PathLike[st
     def _check(e: Engine) -> None:
         pending_seen.append(saver._pipeline.client.pending)
         if e.state.epoch == 2:
-            storage.gate.set()
+            storage.open_all()
 
     tr.engine.run(tr.data, max_epochs=2)
     assert pending_seen == [1, 2]  # both best-model writes were still queued while training went on
@@ -177,7 +156,7 @@ def test_evaluator_saver_does_not_make_the_trainer_wait(tmp_path: os.PathLike[st
 def test_run_returns_with_every_checkpoint_durable(tmp_path: os.PathLike[str]) -> None:
     """When trainer.run() returns, every checkpoint of the run has been written (flush at COMPLETED)."""
     tr = make_training()
-    saver = AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1, epoch_level=False, n_saved=None)
+    saver = iteration_saver(tmp_path, tr, n_saved=None)
     saver.attach(tr.engine)
     tr.engine.run(tr.data, max_epochs=2)
     assert saver._pipeline.client.pending == 0
@@ -249,3 +228,31 @@ def test_prewarm_at_attach_takes_allocation_off_the_first_save(tmp_path: os.Path
         assert saver._pipeline.stager.allocations == 2
         tr.engine.run(tr.data, max_epochs=3)
     assert saver._pipeline.stager.allocations == 2
+
+
+def test_evaluator_rounds_are_never_deduplicated(tmp_path: os.PathLike[str]) -> None:
+    """An evaluator restarts its counters every run, yet each round's best-model file holds that round's weights,
+    even when the trainer updates them through ``.data`` (invisible to version counters)."""
+    tr = make_training(batches=1)
+    evaluator = Engine(lambda e, b: None)
+    scores = iter([0.1, 0.2, 0.3])
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _score(e: Engine) -> None:
+        e.state.metrics["acc"] = next(scores)
+
+    with AsyncCheckpointSaver(
+        str(tmp_path), {"net": tr.net}, save_key_metric=True, key_metric_name="acc", key_metric_n_saved=3
+    ) as saver:
+        saver.attach(evaluator)
+
+        @tr.engine.on(Events.EPOCH_COMPLETED)
+        def _validate(e: Engine) -> None:
+            tr.net[0].weight.data.fill_(float(e.state.epoch))
+            evaluator.run([0])
+
+        tr.engine.run(tr.data, max_epochs=3)
+    for epoch, score in ((1, "0.1000"), (2, "0.2000"), (3, "0.3000")):
+        weight = _load(os.path.join(tmp_path, f"net_key_metric={score}.pt"))["0.weight"]
+        assert torch.all(weight == epoch), epoch
+    assert not any(s.reused_snapshot for s in saver.stats.saves)

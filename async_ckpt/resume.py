@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -9,6 +10,8 @@ from async_ckpt.integrity import read_manifest, verify
 from async_ckpt.storage import _HOST, TMP_MARKER, temp_owner
 
 __all__ = ["latest_checkpoint", "remove_stale_temp_files", "saved_items"]
+
+logger = logging.getLogger("async_ckpt")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -41,11 +44,13 @@ def remove_stale_temp_files(save_dir: str) -> list[str]:
         if owner is None or owner[0] != _HOST or _pid_alive(owner[1]):
             continue  # not ours, another host's (a shared file system), or a live writer's (this process too)
         path = os.path.join(save_dir, name)
+        if not os.path.isfile(path) or os.path.islink(path):
+            continue  # only regular files are ours to remove
         try:
             os.unlink(path)
             removed.append(path)
-        except FileNotFoundError:
-            pass
+        except OSError as exc:  # gone already, or not ours to remove after all: leave it
+            logger.debug("async_ckpt: could not remove stale temporary file %s: %s", path, exc)
     return removed
 
 

@@ -23,7 +23,7 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from async_ckpt.errors import CheckpointWriteError
+from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.preemption import PreemptionGuard, outermost_running_engine
 from async_ckpt.resume import remove_stale_temp_files, saved_items
@@ -330,7 +330,7 @@ class AsyncCheckpointSaver:
         if not callable(self._key_metric_checkpoint):
             raise AssertionError("Error: _key_metric_checkpoint function not specified.")
         self.raise_pending(sync=True)
-        self._save(self._key_metric_checkpoint, engine)
+        self._save_agreed(self._key_metric_checkpoint, engine)
 
     def interval_completed(self, engine: Engine) -> None:
         """Every ``save_interval`` epochs or iterations: save (or, with ``overflow="skip"``, maybe drop)."""
@@ -349,7 +349,7 @@ class AsyncCheckpointSaver:
                 stacklevel=2,
             )
             return
-        self._save(self._interval_checkpoint, engine)
+        self._save_agreed(self._interval_checkpoint, engine)
         if self.epoch_level:
             self.logger.info(f"Saved checkpoint at epoch: {engine.state.epoch}")
         else:
@@ -439,6 +439,22 @@ class AsyncCheckpointSaver:
         if job is not None:
             after = list(checkpoint._saved)
             job.tag = (checkpoint, [it for it in after if it not in before], [it for it in before if it not in after])
+
+    def _save_agreed(self, checkpoint: Checkpoint, engine: Engine) -> None:
+        """``_save`` at an event every rank reaches; in a distributed run all ranks learn if the copy failed."""
+        error: SnapshotError | None = None
+        try:
+            self._save(checkpoint, engine)
+        except SnapshotError as exc:
+            error = exc
+        distributed = self.options.sync_errors and idist.get_world_size() > 1
+        if distributed and int(idist.all_reduce(int(error is not None))) and error is None:
+            raise SnapshotError(
+                f"async_ckpt: the saving rank could not copy the state (rank {idist.get_rank()} stops with it); "
+                "see the saving rank's SnapshotError for the cause."
+            )
+        if error is not None:
+            raise error
 
     def _roll_back(self, failure: Failure) -> None:
         """Make the failed job's ``Checkpoint`` bookkeeping match what is on disk again."""

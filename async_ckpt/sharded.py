@@ -4,10 +4,10 @@ Every rank writes its own shard of the state (its DTensor/FSDP shards; replicate
 one rank) with ``dcp.async_save``; this module adds the guarantees of :mod:`async_ckpt` on top:
 
 * **Atomic visibility.** A checkpoint is written into a directory whose name carries
-  :data:`~async_ckpt.storage.TMP_MARKER` (``<final><marker><host>.<pid>.<token>.<n>``, rank 0's host and process
-  id). It appears under its final name by
-  one ``rename`` on rank 0, and only after every shard file, every rank's directory entries and the ``.metadata``
-  file have been fsynced. A directory without the marker is either absent or a complete checkpoint.
+  :data:`~async_ckpt.storage.TMP_MARKER` (``<final><marker><host>.<pid>.<token>.<n>``, with rank 0's host and
+  process id). It appears under its final name by one ``rename`` on rank 0, and only after every shard file, every
+  rank's directory entries and the ``.metadata`` file have been fsynced. A directory without the marker is either
+  absent or a complete checkpoint.
 * **Completion known on rank 0 without extra collectives.** DCP's own last step gathers every rank's write result
   on rank 0 before rank 0 writes ``.metadata``; the writer below fsyncs each rank's directory inside that step. So
   when rank 0's upload future resolves without an error, every rank's shard is durable: rank 0 then publishes from

@@ -29,9 +29,11 @@ from multiprocessing.connection import Connection
 from typing import Any, BinaryIO
 
 import torch
+from _doubles import GatedStorage, SlowStorage
+from conftest import make_step
 from ignite.engine import Engine, Events
 
-from async_ckpt import AsyncCheckpointSaver, FileStorage
+from async_ckpt import AsyncCheckpointSaver
 
 torch.set_num_threads(1)
 
@@ -51,26 +53,13 @@ class Tag:
         self.iteration = int(state["iteration"])
 
 
-class SlowStorage(FileStorage):
-    """A slow disk: every fsync takes ``delay`` seconds longer (a simulated device latency, not synchronization)."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__(fsync=True)
-        self.delay = delay
-
-    def _fsync_fd(self, fd: int) -> None:
-        time.sleep(self.delay)
-        super()._fsync_fd(fd)
-
-
-class ReportingStorage(FileStorage):
+class ReportingStorage(SlowStorage):
     """The real disk, plus a line before every file operation (so that a kill can land between any two of them),
-    and optionally a simulated fsync latency."""
+    and optionally a simulated fsync latency (``fsync_delay`` 0: none)."""
 
     def __init__(self, emit: Callable[[str], None], fsync_delay: float) -> None:
-        super().__init__(fsync=True)
+        super().__init__(fsync_delay)
         self.emit = emit
-        self.delay = fsync_delay
 
     def _report(self, op: str, path: str) -> None:
         self.emit(json.dumps({"op": op, "path": os.path.basename(path)}))
@@ -81,8 +70,6 @@ class ReportingStorage(FileStorage):
 
     def _fsync_fd(self, fd: int) -> None:
         self._report("fsync", "")
-        if self.delay > 0:
-            time.sleep(self.delay)
         super()._fsync_fd(fd)
 
     def _replace(self, src: str, dst: str) -> None:
@@ -98,19 +85,6 @@ class ReportingStorage(FileStorage):
         super()._unlink(path)
 
 
-class GateStorage(FileStorage):
-    """Blocks every write until ``gate`` is set (bounded wait)."""
-
-    def __init__(self) -> None:
-        super().__init__(fsync=False)
-        self.gate = threading.Event()
-
-    def _open(self, path: str) -> BinaryIO:
-        if not self.gate.wait(timeout=60):
-            raise TimeoutError("gate never opened")
-        return super()._open(path)
-
-
 def build(width: int, batches: int, fail_at: int | None = None) -> tuple[Engine, dict[str, Any], list[torch.Tensor]]:
     """A seeded MLP with Adam and a ``Tag``; the step records the iteration it finished in the tag."""
     torch.manual_seed(0)
@@ -119,16 +93,10 @@ def build(width: int, batches: int, fail_at: int | None = None) -> tuple[Engine,
     tag = Tag()
     data = [torch.randn(8, 64) for _ in range(batches)]
 
-    def step(engine: Engine, batch: torch.Tensor) -> float:
-        if fail_at is not None and engine.state.iteration == fail_at:
-            raise RuntimeError("boom: injected training failure")
-        opt.zero_grad()
-        loss = net(batch).pow(2).mean()
-        loss.backward()
-        opt.step()
+    def record(engine: Engine) -> None:
         tag.iteration = engine.state.iteration
-        return float(loss.item())
 
+    step = make_step(net, opt, fail_at_iteration=fail_at, after=record)
     return Engine(step), {"net": net, "opt": opt, "tag": tag}, data
 
 
@@ -234,7 +202,7 @@ def exit_raise(dirname: str) -> None:
 
 def fork(dirname: str) -> None:
     engine, save_dict, _ = build(width=16, batches=1)
-    storage = GateStorage()
+    storage = GatedStorage()
     saver = AsyncCheckpointSaver(
         dirname, save_dict, epoch_level=False, save_interval=1, exit_timeout=10.0, storage=storage
     )
@@ -247,7 +215,7 @@ def fork(dirname: str) -> None:
         sys.exit(0)  # a normal exit: the interpreter-exit hook runs in the child
     _, status = os.waitpid(pid, 0)
     child_s = time.monotonic() - t0
-    storage.gate.set()
+    storage.open_all()
     saver.close()
     print(json.dumps({"child_exit_s": child_s, "child_status": status}), flush=True)
 

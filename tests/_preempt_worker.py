@@ -34,6 +34,7 @@ import sys
 from types import FrameType
 
 import torch
+from conftest import make_step
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
@@ -68,15 +69,7 @@ def main(mode: str, save_dir: str) -> int:
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     data = [torch.randn(2, 4) for _ in range(3)]
 
-    def step(engine: Engine, batch: torch.Tensor) -> float:
-        gate(f"step {engine.state.iteration}")
-        opt.zero_grad()
-        loss = net(batch).pow(2).mean()
-        loss.backward()
-        opt.step()
-        return float(loss.item())
-
-    engine = Engine(step)
+    engine = Engine(make_step(net, opt, before=lambda e: gate(f"step {e.state.iteration}")))
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _done(e: Engine) -> None:

@@ -1,9 +1,12 @@
-"""Shared fixtures: small seeded training setups, tree comparison, and a guard against leaked writer threads."""
+"""Shared fixtures and helpers: small seeded training setups, tree comparison, directory and damage helpers, and a
+guard against leaked writer threads. The subprocess workers import ``make_step`` from here too."""
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,8 +15,20 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
+from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.storage import TMP_MARKER
 from async_ckpt.writer import THREAD_NAME, flush_all
+
+METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)  # make_training's "acc" at the end of epochs 1, 2, ...
+# Saver arguments that keep every kind of checkpoint: the final one, the best two by "acc" and the last two epochs.
+RETENTION: dict[str, Any] = {
+    "save_final": True,
+    "save_key_metric": True,
+    "key_metric_name": "acc",
+    "key_metric_n_saved": 2,
+    "save_interval": 1,
+    "n_saved": 2,
+}
 
 
 @dataclass
@@ -30,9 +45,36 @@ class Training:
         return {"net": self.net, "opt": self.opt}
 
 
+def make_step(
+    net: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    *,
+    fail_at_iteration: int | None = None,
+    before: Callable[[Engine], None] | None = None,
+    after: Callable[[Engine], None] | None = None,
+) -> Callable[[Engine, torch.Tensor], float]:
+    """An ignite step that minimises ``net(batch).pow(2).mean()`` with ``opt``: ``before`` and ``after`` run around
+    the update, and ``fail_at_iteration`` makes that step raise ``RuntimeError`` (after ``before``)."""
+
+    def step(engine: Engine, batch: torch.Tensor) -> float:
+        if before is not None:
+            before(engine)
+        if fail_at_iteration is not None and engine.state.iteration == fail_at_iteration:
+            raise RuntimeError("boom: injected training failure")
+        opt.zero_grad()
+        loss = net(batch).pow(2).mean()
+        loss.backward()
+        opt.step()
+        if after is not None:
+            after(engine)
+        return float(loss.item())
+
+    return step
+
+
 def make_training(
     seed: int = 0,
-    metrics: Sequence[float] = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95),
+    metrics: Sequence[float] = METRICS,
     batches: int = 3,
     fail_at_iteration: int | None = None,
 ) -> Training:
@@ -41,23 +83,19 @@ def make_training(
     net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     data = [torch.randn(4, 4) for _ in range(batches)]
-
-    def step(engine: Engine, batch: torch.Tensor) -> float:
-        if fail_at_iteration is not None and engine.state.iteration == fail_at_iteration:
-            raise RuntimeError("boom: injected training failure")
-        opt.zero_grad()
-        loss = net(batch).pow(2).mean()
-        loss.backward()
-        opt.step()
-        return float(loss.item())
-
-    engine = Engine(step)
+    engine = Engine(make_step(net, opt, fail_at_iteration=fail_at_iteration))
 
     @engine.on(Events.EPOCH_COMPLETED)
     def _metric(e: Engine) -> None:
         e.state.metrics["acc"] = metrics[(e.state.epoch - 1) % len(metrics)]
 
     return Training(net, opt, engine, data)
+
+
+def iteration_saver(directory: str | os.PathLike[str], training: Training, **kwargs: Any) -> AsyncCheckpointSaver:
+    """An ``AsyncCheckpointSaver`` of ``training`` that saves at every iteration (``epoch_level=False``,
+    ``save_interval=1``); ``kwargs`` are its other arguments."""
+    return AsyncCheckpointSaver(str(directory), training.save_dict, epoch_level=False, save_interval=1, **kwargs)
 
 
 def trees_equal(a: Any, b: Any) -> bool:
@@ -95,6 +133,23 @@ def temp_names(directory: str | os.PathLike[str]) -> list[str]:
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     """Load a checkpoint the strict way users do (``weights_only``), onto the CPU."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def flip_tensor_byte(path: str | os.PathLike[str]) -> None:
+    """Invert one byte in the middle of the first tensor-data record of a ``torch.save`` archive, in place: the size
+    and the zip directory stay the same, only the record CRCs can tell."""
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 0)
+    assert info.compress_type == zipfile.ZIP_STORED
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def clone_tree(tree: Any) -> Any:

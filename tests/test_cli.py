@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_training
+from conftest import RETENTION, checkpoint_names, flip_tensor_byte, make_training
 
 from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.cli import main
@@ -38,18 +38,10 @@ def ckpt_dir(tmp_path: Path) -> Path:
     """A directory after a 4-epoch run: interval (keep 2), best key metric and final checkpoints."""
     save_dir = tmp_path / "ckpt"
     t = make_training()
-    with AsyncCheckpointSaver(
-        str(save_dir),
-        t.save_dict,
-        save_final=True,
-        save_key_metric=True,
-        key_metric_name="acc",
-        save_interval=1,
-        n_saved=2,
-    ) as saver:
+    with AsyncCheckpointSaver(str(save_dir), t.save_dict, **{**RETENTION, "key_metric_n_saved": 1}) as saver:
         saver.attach(t.engine)
         t.engine.run(t.data, max_epochs=4)
-    assert sorted(n for n in os.listdir(save_dir) if n.endswith(".pt")) == EXPECTED
+    assert checkpoint_names(save_dir) == EXPECTED
     return save_dir
 
 
@@ -66,12 +58,6 @@ def unlinked_victim(directory: Path) -> Path:
         if (directory / name).stat().st_nlink == 1:
             return directory / name
     raise AssertionError("every checkpoint is hard-linked")
-
-
-def flip_middle_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def run_module(*args: str, cwd: Path) -> subprocess.Popen[str]:
@@ -107,7 +93,7 @@ def test_module_without_arguments_prints_help(tmp_path: Path) -> None:
 def test_module_verify_and_ls_in_a_subprocess_are_read_only(ckpt_dir: Path, tmp_path: Path) -> None:
     """As a real process: ``verify DIR`` exits 1 naming the damaged file, ``ls`` still lists it; nothing changes."""
     victim = unlinked_victim(ckpt_dir)
-    flip_middle_byte(victim)
+    flip_tensor_byte(victim)
     before = snapshot(ckpt_dir)
     procs = [run_module("verify", str(ckpt_dir), cwd=tmp_path), run_module("ls", "--json", str(ckpt_dir), cwd=tmp_path)]
     (vcode, vout, _), (lcode, lout, _) = (finish(p) for p in procs)

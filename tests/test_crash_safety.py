@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_checkpoint as _load
 
 from async_ckpt.storage import TMP_MARKER
 
@@ -121,10 +122,6 @@ def _run_and_kill(ctx: Any, directory: Path, seed: int) -> tuple[bool, list[dict
         assert proc.exitcode == 0 and lines[-1:] == [b"DONE"], f"child failed (seed {seed}, exit {proc.exitcode})"
     reports = [json.loads(line) for line in lines if line != b"DONE"]
     return killed, [r for r in reports if "it" in r]  # the others announce file operations: kill points only
-
-
-def _load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _consistent(state: Any, iteration: int) -> str | None:

@@ -14,18 +14,18 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 import torch
+from _doubles import GatedStorage
 from conftest import checkpoint_names as _names
+from conftest import iteration_saver, make_training
 from conftest import load_checkpoint as _load
-from conftest import make_training
 from conftest import temp_names as _temps
 from ignite.engine import Events
 
-from async_ckpt import AsyncCheckpointSaver, FileStorage, WriterClosedError
-from async_ckpt.storage import TMP_MARKER
+from async_ckpt import WriterClosedError
 from async_ckpt.writer import THREAD_NAME, _worker, worker_alive
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
@@ -100,7 +100,7 @@ def test_close_stops_the_writer_thread_and_is_idempotent(tmp_path: Path) -> None
     """After close() no async_ckpt-writer thread is alive, a second close() is a silent no-op, and a save after
     close() raises WriterClosedError."""
     t = make_training(batches=3)
-    saver = AsyncCheckpointSaver(str(tmp_path), t.save_dict, epoch_level=False, save_interval=1, fsync=False)
+    saver = iteration_saver(tmp_path, t, fsync=False)
     saver.attach(t.engine)
     t.engine.run(t.data, max_epochs=1)
     saver.close()
@@ -137,7 +137,7 @@ def test_close_joins_a_writer_thread_that_is_already_on_its_way_out(tmp_path: Pa
     """close() returns only once the writer thread has ended, even when that thread had already left its loop
     (and cleared its slot) but not yet finished when close() looked at it."""
     t = make_training(batches=1)
-    saver = AsyncCheckpointSaver(str(tmp_path), t.save_dict, epoch_level=False, save_interval=1, fsync=False)
+    saver = iteration_saver(tmp_path, t, fsync=False)
     original = _worker._lock
     hook = _PausedExit(original)
     _worker._lock = hook  # type: ignore[assignment]
@@ -157,37 +157,12 @@ def test_close_joins_a_writer_thread_that_is_already_on_its_way_out(tmp_path: Pa
 
 
 # -- staging memory ------------------------------------------------------------------------------------------------
-class _HoldFirstWrite(FileStorage):
-    """Holds the first checkpoint write until ``gate`` is set (bounded), so the second save needs a second set of
-    buffers; later writes pass."""
-
-    def __init__(self) -> None:
-        super().__init__(fsync=False)
-        self.gate = threading.Event()
-        self.first = True
-
-    def _open(self, path: str) -> BinaryIO:
-        if self.first and ".pt" + TMP_MARKER in os.path.basename(path):
-            self.first = False
-            if not self.gate.wait(TIMEOUT):
-                raise TimeoutError("test gate never opened")
-        return super()._open(path)
-
-
 def test_staging_memory_does_not_grow_over_100_saves(tmp_path: Path) -> None:
     """Over 100 saves the stager allocates max_pending buffer sets once (the first two saves) and then reuses them:
     memory_bytes() and allocations stay constant."""
     t = make_training(batches=100)
-    storage = _HoldFirstWrite()
-    saver = AsyncCheckpointSaver(
-        str(tmp_path),
-        t.save_dict,
-        epoch_level=False,
-        save_interval=1,
-        n_saved=2,
-        max_pending=2,
-        storage=storage,
-    )
+    storage = GatedStorage()  # holds the writes until iteration 2, so the second save needs a second set of buffers
+    saver = iteration_saver(tmp_path, t, n_saved=2, max_pending=2, storage=storage)
     saver.attach(t.engine)
     stager = saver._pipeline.stager
     seen: list[tuple[int, int]] = []
@@ -196,12 +171,12 @@ def test_staging_memory_does_not_grow_over_100_saves(tmp_path: Path) -> None:
     def _record(engine: Any) -> None:  # runs after the saver's handler
         seen.append((stager.allocations, stager.memory_bytes()))
         if engine.state.iteration == 2:
-            storage.gate.set()
+            storage.open_all()
 
     try:
         t.engine.run(t.data, max_epochs=1)
     finally:
-        storage.gate.set()
+        storage.open_all()
     saver.close()
     assert len(seen) == 100 and len(saver.stats.saves) == 100
     one_set = seen[0][1]

@@ -12,49 +12,32 @@ import json
 import os
 import re
 import shutil
-import struct
 import threading
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from conftest import make_training
+from conftest import METRICS, RETENTION, checkpoint_names, flip_tensor_byte, make_training
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver, FileStorage
 from async_ckpt.integrity import MANIFEST_NAME, describe, read_manifest, verify
 from async_ckpt.storage import TMP_MARKER
 
-METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)
 ENTRY_FIELDS = {"size", "cd_crc32", "reason", "iteration", "epoch", "score", "score_name", "saved_at"}
 BATCHES = 3  # make_training's default: iterations per epoch
-
-
-def checkpoint_names(directory: Path) -> list[str]:
-    """The ``.pt`` files of ``directory``, sorted."""
-    return sorted(n for n in os.listdir(directory) if n.endswith(".pt"))
 
 
 def run_full(save_dir: Path, max_epochs: int = 8, **kwargs: Any) -> list[tuple[list[str], list[str]]]:
     """Train with final, top-2 key-metric and keep-last-2 interval saves; return (files, manifest) after each epoch.
 
-    A handler attached after the saver waits for the writer at every ``EPOCH_COMPLETED`` and records which ``.pt``
+    A handler attached after the saver waits for the writer at every ``EPOCH_COMPLETED`` and records which checkpoint
     files exist and which names the manifest lists, so that pruning is observed while the run goes on.
     """
     t = make_training(metrics=METRICS)
     seen: list[tuple[list[str], list[str]]] = []
-    with AsyncCheckpointSaver(
-        str(save_dir),
-        t.save_dict,
-        save_final=True,
-        save_key_metric=True,
-        key_metric_name="acc",
-        key_metric_n_saved=2,
-        save_interval=1,
-        n_saved=2,
-        **kwargs,
-    ) as saver:
+    with AsyncCheckpointSaver(str(save_dir), t.save_dict, **RETENTION, **kwargs) as saver:
         saver.attach(t.engine)
 
         @t.engine.on(Events.EPOCH_COMPLETED)
@@ -73,22 +56,6 @@ def run_interval(save_dir: Path, max_epochs: int = 4, **kwargs: Any) -> list[str
         saver.attach(t.engine)
         t.engine.run(t.data, max_epochs=max_epochs)
     return checkpoint_names(save_dir)
-
-
-def flip_tensor_byte(path: Path) -> None:
-    """Invert one byte in the middle of the first tensor-data record of a ``torch.save`` archive, in place."""
-    with zipfile.ZipFile(path) as zf:
-        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 0)
-    assert info.compress_type == zipfile.ZIP_STORED
-    with open(path, "r+b") as f:
-        f.seek(info.header_offset)
-        header = f.read(30)
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
-        f.seek(at)
-        byte = f.read(1)
-        f.seek(at)
-        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def test_manifest_lists_exactly_the_files_present_with_their_metadata(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import Training, make_training, trees_equal
+from conftest import METRICS, Training, make_training, trees_equal
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -26,7 +26,6 @@ from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.integrity import MANIFEST_NAME, read_manifest
 
 IMPLS = {"monai": CheckpointSaver, "ours": AsyncCheckpointSaver}
-DEFAULT_METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)
 
 
 def load_dir(path: Path) -> dict[str, Any]:
@@ -68,7 +67,7 @@ def run_saver(
     *,
     seed: int = 0,
     max_epochs: int = 8,
-    metrics: Sequence[Any] = DEFAULT_METRICS,
+    metrics: Sequence[Any] = METRICS,
     fail_at_iteration: int | None = None,
     single: bool = False,
     state_key_metric: str | None = None,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_training, trees_equal
+from conftest import METRICS, RETENTION, checkpoint_names, flip_tensor_byte, load_checkpoint, make_training, trees_equal
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
@@ -23,16 +23,6 @@ from async_ckpt import AsyncCheckpointSaver, FileStorage
 from async_ckpt.integrity import MANIFEST_NAME, read_manifest
 from async_ckpt.resume import latest_checkpoint, remove_stale_temp_files
 from async_ckpt.storage import TMP_MARKER, temp_owner
-
-METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)
-RETENTION = {
-    "save_final": True,
-    "save_key_metric": True,
-    "key_metric_name": "acc",
-    "key_metric_n_saved": 2,
-    "save_interval": 1,
-    "n_saved": 2,
-}
 
 
 class Both:
@@ -55,14 +45,9 @@ CONFIGS: dict[str, tuple[bool, dict[str, Any]]] = {  # name: (one save_dict key,
 }
 
 
-def checkpoint_names(directory: Path) -> list[str]:
-    """The ``.pt`` files of ``directory``, sorted."""
-    return sorted(n for n in os.listdir(directory) if n.endswith(".pt"))
-
-
 def load_all(directory: Path) -> dict[str, Any]:
-    """Every ``.pt`` file of ``directory`` by name, loaded."""
-    return {n: torch.load(directory / n, weights_only=True) for n in checkpoint_names(directory)}
+    """Every checkpoint of ``directory`` by name, loaded."""
+    return {n: load_checkpoint(directory / n) for n in checkpoint_names(directory)}
 
 
 def dead_pid() -> int:
@@ -293,9 +278,7 @@ def test_latest_checkpoint_skips_a_corrupted_newest_file(tmp_path: Path) -> None
     # Damage inside tensor data of epoch 3 keeps size and directory: only the full check sees it.
     third = tmp_path / "checkpoint_epoch=3.pt"
     assert third.stat().st_nlink == 1
-    data = bytearray(third.read_bytes())
-    data[len(data) // 3] ^= 0xFF
-    third.write_bytes(bytes(data))
+    flip_tensor_byte(third)
     assert latest_checkpoint(str(tmp_path), full_check=True) == str(tmp_path / "checkpoint_epoch=2.pt")
     # A listed file that has disappeared is skipped too.
     os.unlink(tmp_path / "checkpoint_epoch=2.pt")

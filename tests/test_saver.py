@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 import torch
 from _doubles import GatedStorage
-from conftest import checkpoint_names as _checkpoints
-from conftest import clone_tree, iteration_saver, make_training, trees_equal
+from conftest import checkpoint_names, clone_tree, iteration_saver, make_training, trees_equal
 from conftest import load_checkpoint as _load
 from ignite.engine import Engine, Events
 
@@ -67,7 +66,7 @@ def test_overlap_mode_writes_the_same_files_as_eager(tmp_path: os.PathLike[str])
         with iteration_saver(d, tr, snapshot_mode=mode) as s:
             s.attach(tr.engine)
             tr.engine.run(tr.data, max_epochs=3)
-        outs[mode] = {f: _load(os.path.join(d, f)) for f in _checkpoints(d)}
+        outs[mode] = {f: _load(os.path.join(d, f)) for f in checkpoint_names(d)}
     assert outs["eager"].keys() == outs["overlap"].keys() and len(outs["eager"]) == 9
     assert all(trees_equal(outs["eager"][f], outs["overlap"][f]) for f in outs["eager"])
 
@@ -84,7 +83,7 @@ def test_same_event_is_staged_and_serialized_once(tmp_path: os.PathLike[str]) ->
     assert [s.reason for s in saves] == ["key_metric", "interval", "final"]
     assert [s.linked for s in saves] == [False, True, True]
     assert [s.reused_snapshot for s in saves] == [False, True, True]
-    files = _checkpoints(tmp_path)
+    files = checkpoint_names(tmp_path)
     inodes = {os.stat(os.path.join(tmp_path, f)).st_ino for f in files}
     assert len(files) == 3 and len(inodes) == 1
 
@@ -148,7 +147,7 @@ def test_evaluator_saver_does_not_make_the_trainer_wait(tmp_path: os.PathLike[st
 
     tr.engine.run(tr.data, max_epochs=2)
     assert pending_seen == [1, 2]  # both best-model writes were still queued while training went on
-    assert _checkpoints(tmp_path) == ["checkpoint_key_metric=0.3000.pt", "checkpoint_key_metric=0.6000.pt"]
+    assert checkpoint_names(tmp_path) == ["checkpoint_key_metric=0.3000.pt", "checkpoint_key_metric=0.6000.pt"]
     assert saver._pipeline.client.pending == 0
     saver.close()
 

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from _doubles import GatedStorage
 
 from async_ckpt.errors import WriterClosedError
 from async_ckpt.storage import FileStorage
 from async_ckpt.writer import WriteJob, WriterClient, worker_alive
-
-
-class GatedStorage(FileStorage):
-    """Blocks every write until ``gate`` is set, and records the order of finished writes."""
-
-    def __init__(self) -> None:
-        super().__init__(fsync=False)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.order: list[str] = []
-
-    def _open(self, path: str) -> BinaryIO:
-        self.entered.set()
-        assert self.gate.wait(timeout=30), "test gate never opened"
-        return super()._open(path)
-
-    def _replace(self, src: str, dst: str) -> None:
-        super()._replace(src, dst)
-        self.order.append(os.path.basename(dst))
 
 
 def _job(path: str, data: bytes = b"x", **kw: object) -> WriteJob:
@@ -44,7 +25,7 @@ def test_jobs_of_all_clients_run_in_fifo_order(tmp_path: os.PathLike[str]) -> No
     names = [f"{i}.pt" for i in range(6)]
     for i, name in enumerate(names):
         (a if i % 2 else b).submit(_job(os.path.join(tmp_path, name)))
-    storage.gate.set()
+    storage.open_all()
     assert a.close(timeout=30) and b.close(timeout=30)
     assert storage.order == names
 
@@ -58,7 +39,7 @@ def test_eviction_waits_for_the_replacement(tmp_path: os.PathLike[str]) -> None:
     client.submit(_job(os.path.join(tmp_path, "new.pt"), removes=[old]))
     assert storage.entered.wait(timeout=30)
     assert os.path.exists(old)  # the replacement is being written: the old file must still be there
-    storage.gate.set()
+    storage.open_all()
     assert client.wait(timeout=30)
     assert not os.path.exists(old)
 
@@ -108,7 +89,7 @@ def test_wait_times_out_while_blocked_and_close_joins(tmp_path: os.PathLike[str]
     client.submit(_job(os.path.join(tmp_path, "a.pt")))
     assert storage.entered.wait(timeout=30)
     assert client.wait(timeout=0.05) is False and client.pending == 1
-    storage.gate.set()
+    storage.open_all()
     assert client.close(timeout=30)
     assert not worker_alive()
     client.close()  # idempotent

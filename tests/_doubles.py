@@ -1,0 +1,67 @@
+"""Storage doubles shared by the tests and by the subprocess workers (not a test module; no pytest needed).
+
+The workers run as scripts from this directory, so ``from _doubles import ...`` finds this file there as it does
+under pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import BinaryIO
+
+from async_ckpt.storage import TMP_MARKER, FileStorage
+
+GATE_TIMEOUT = 30.0  # seconds a gated write waits before it fails instead of hanging the test
+
+
+class SlowStorage(FileStorage):
+    """A slow disk: every fsync takes ``delay`` seconds longer (simulated device latency, not synchronization)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(fsync=True)
+        self.delay = delay
+
+    def _fsync_fd(self, fd: int) -> None:
+        if self.delay > 0:
+            time.sleep(self.delay)
+        super()._fsync_fd(fd)
+
+
+class GatedStorage(FileStorage):
+    """Each checkpoint write (not the manifest) waits, bounded, until the test lets it through: ``release_one`` lets
+    one more through, ``open_all`` every one from then on. ``entered`` is set once a write has reached the gate, and
+    ``order`` lists the names renamed into place, in order."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self._cond = threading.Condition()
+        self._permits = 0
+        self._all_open = False
+        self.entered = threading.Event()
+        self.order: list[str] = []
+
+    def release_one(self) -> None:
+        with self._cond:
+            self._permits += 1
+            self._cond.notify_all()
+
+    def open_all(self) -> None:
+        with self._cond:
+            self._all_open = True
+            self._cond.notify_all()
+
+    def _open(self, path: str) -> BinaryIO:
+        if ".pt" + TMP_MARKER in os.path.basename(path):
+            self.entered.set()
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._all_open or self._permits > 0, GATE_TIMEOUT):
+                    raise TimeoutError("test gate never opened")
+                if not self._all_open:
+                    self._permits -= 1
+        return super()._open(path)
+
+    def _replace(self, src: str, dst: str) -> None:
+        super()._replace(src, dst)
+        self.order.append(os.path.basename(dst))

@@ -221,6 +221,8 @@ class _BufferSet:
                 self.buffer(i).zero_()
         self.alloc_s = time.perf_counter() - t0
         self.nbytes = sum(n for n, _ in layout)
+        self.views: list[torch.Tensor] = []
+        self.views_meta: tuple[Any, ...] | None = None
         tagged = []
         for i, (n, device) in enumerate(layout):
             if device != "cpu" and n:
@@ -452,7 +454,7 @@ class Stager:
             buffers = [bufset.buffer(i) for i in range(len(plan.storages))]
             pairs = list(zip(plan.storages, buffers, late, strict=True))
             ready, guard = self._copy(pairs)
-            views = list(self._views(tensors, plan, buffers))
+            views = self._cached_views(bufset, tensors, plan, buffers)
         except BaseException:
             self._give_back(bufset)
             raise
@@ -471,6 +473,21 @@ class Stager:
         bufset.alloc_s = 0.0  # paid once
         self._last = staged
         return staged
+
+    def _cached_views(
+        self, bufset: _BufferSet, tensors: Sequence[torch.Tensor], plan: _Plan, buffers: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The views of ``bufset`` for ``tensors``: the previous ones if every tensor has the same metadata."""
+        if any(o < 0 for o in plan.owner):  # whole-tensor clones are fresh every time
+            return list(self._views(tensors, plan, buffers))
+        meta = tuple(
+            (o, t.dtype, t.storage_offset(), t.shape, t.stride(), type(t), t.requires_grad)
+            for t, o in zip(tensors, plan.owner, strict=True)
+        )
+        if bufset.views_meta != meta:
+            bufset.views = list(self._views(tensors, plan, buffers))
+            bufset.views_meta = meta
+        return list(bufset.views)  # a new list: list identity marks "the same snapshot" (see SavePipeline)
 
     @staticmethod
     def _views(tensors: Sequence[torch.Tensor], plan: _Plan, buffers: list[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -501,8 +518,8 @@ class Stager:
                 guards.append(guard)
         host_now = [(s, d) for s, d, late in pairs if s.device.type != "cuda" and not late]
         host_late = [(s, d) for s, d, late in pairs if s.device.type != "cuda" and late]
-        for src, dst in host_now:
-            dst.copy_(src)
+        if host_now:
+            _parallel_memmove(host_now, torch.get_num_threads())
         if host_late:
             copier = _HostCopier(host_late)
             waits.append(copier.wait)
@@ -569,6 +586,44 @@ class Stager:
                 torch.cuda.current_stream(device).wait_event(e)
 
         return ready, guard
+
+
+def _parallel_memmove(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int) -> None:
+    """Copy each source storage into its buffer with plain memmoves, split by bytes over ``threads`` threads.
+
+    Storage copies are byte copies, so memmove is exact. Compared with one ``copy_`` per storage this avoids a
+    dispatch and an OpenMP fork/join per tensor (measured 1.1-1.5x the single-``copy_`` floor for states of
+    hundreds of small tensors) and reaches the floor. ``ctypes`` releases the GIL during each call, and the
+    helper threads are started and joined inside this call.
+    """
+    spans = [(d.data_ptr(), s.data_ptr(), s.numel()) for s, d in pairs if s.numel()]
+    total = sum(n for _, _, n in spans)
+    threads = max(1, min(threads, total // (8 << 20) or 1))  # below ~8 MiB per thread, threads cost more
+    share = -(-total // threads)
+    chunks: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
+    index, room = 0, share
+    for dst, src, n in spans:
+        offset = 0
+        while n - offset > 0:
+            take = min(n - offset, room) if index < threads - 1 else n - offset
+            chunks[index].append((dst + offset, src + offset, take))
+            offset += take
+            room -= take
+            if room == 0 and index < threads - 1:
+                index, room = index + 1, share
+
+    def run(chunk: list[tuple[int, int, int]]) -> None:
+        for dst, src, n in chunk:
+            ctypes.memmove(dst, src, n)
+
+    helpers = [threading.Thread(target=run, args=(c,), name="async_ckpt-copy") for c in chunks[1:] if c]
+    for t in helpers:
+        t.start()
+    try:
+        run(chunks[0])
+    finally:
+        for t in helpers:
+            t.join()
 
 
 class _HostCopier:

@@ -74,6 +74,7 @@ class SavePipeline:
         self._last: _LastJob | None = None
         self._deferred: list[Staged] = []
         self._hooks: dict[int, Any] = {}
+        self.on_durable: Callable[[SaveStats], None] | None = None
         set_exit_timeout(options.exit_timeout)
 
     # -- the training-thread path --------------------------------------------------------------------------------
@@ -228,6 +229,8 @@ class SavePipeline:
             reused_snapshot=reused,
         )
         self.telemetry.record(stats)
+        if result.ok and self.on_durable is not None:
+            self.on_durable(stats)
         log = self._logger()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("async_ckpt: %s", stats.as_dict())
@@ -249,7 +252,7 @@ def failure_to_error(failure: Failure, more: int) -> CheckpointWriteError:
         "remove": "remove an evicted file after writing",
         "link": "link",
         "stage": "copy the state for",
-        "callback": "record (in the manifest) the durable",
+        "callback": "finish (manifest update or on_durable callback) the durable",
     }.get(failure.stage, "write")
     extra = f" ({more} more save(s) of this saver failed after it)" if more else ""
     err = CheckpointWriteError(

@@ -16,7 +16,7 @@ import logging
 import os
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
@@ -31,7 +31,7 @@ from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, failure_to_e
 from async_ckpt.storage import FileStorage
 
 if TYPE_CHECKING:
-    from async_ckpt.telemetry import Telemetry
+    from async_ckpt.telemetry import SaveStats, Telemetry
     from async_ckpt.writer import Failure
 
 __all__ = ["AsyncCheckpointSaver"]
@@ -86,6 +86,9 @@ class AsyncCheckpointSaver:
         prewarm: allocate and touch the staging buffers at ``attach`` instead of during the first save (useful for
             large or pinned states; the layout must be final by then, e.g. optimizer state already created or
             loaded, otherwise the first save allocates again).
+        on_durable: called with the :class:`~async_ckpt.SaveStats` of each checkpoint once its file is durable,
+            on the writer thread (keep it short; an exception in it is reported like a write failure). ignite's
+            ``Checkpoint.SAVED_CHECKPOINT`` event, by contrast, fires when the snapshot is taken and queued.
         resume: rebuild the interval, key-metric and final retention lists from the files an earlier run
             recorded in ``save_dir``'s manifest, so ``n_saved`` pruning continues across restarts.
         preempt_signal: a signal (e.g. ``signal.SIGTERM``, or ``signal.SIGUSR1`` for SLURM) that makes the saver
@@ -131,6 +134,7 @@ class AsyncCheckpointSaver:
         exit_timeout: float | None = 600.0,
         sync_errors: bool = True,
         prewarm: bool = False,
+        on_durable: Callable[[SaveStats], None] | None = None,
         resume: bool = False,
         preempt_signal: int | None = None,
         preempt_grace_s: float = 60.0,
@@ -175,6 +179,7 @@ class AsyncCheckpointSaver:
         if save_interval > 0 and n_saved is not None and n_saved < 1:
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved}.")
         self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
+        self._pipeline.on_durable = on_durable
         self._handlers: dict[int, AsyncSaveHandler] = {}
 
         if save_final:

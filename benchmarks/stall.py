@@ -1045,7 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint savers on one ignite Engine (see benchmarks/README.md).",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="about two minutes (default)")
+    mode.add_argument("--quick", dest="mode", action="store_const", const="quick", help="about three minutes on two cores (default)")
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="64 MiB, 512 MiB and 2 GiB")
     p.set_defaults(mode="quick")
     p.add_argument("--sizes", type=_float_list, help="state sizes in MiB, e.g. '64,512' (default: by mode)")

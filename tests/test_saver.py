@@ -11,6 +11,8 @@ from _doubles import GatedStorage
 from conftest import checkpoint_names, clone_tree, iteration_saver, make_training, trees_equal
 from conftest import load_checkpoint as _load
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import CheckpointEvents
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointSaver
@@ -255,3 +257,33 @@ def test_evaluator_rounds_are_never_deduplicated(tmp_path: os.PathLike[str]) -> 
         weight = _load(os.path.join(tmp_path, f"net_key_metric={score}.pt"))["0.weight"]
         assert torch.all(weight == epoch), epoch
     assert not any(s.reused_snapshot for s in saver.stats.saves)
+
+
+def test_on_durable_fires_after_the_file_is_complete_and_saved_checkpoint_when_queued(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """ignite's SAVED_CHECKPOINT fires when the snapshot is queued (file not there yet); on_durable fires once the
+    file is complete under its final name."""
+    tr = make_training(batches=1)
+    events: list[tuple[str, str, bool]] = []
+
+    def durable(stats: async_ckpt.SaveStats) -> None:
+        events.append(("durable", os.path.basename(stats.path), os.path.exists(stats.path)))
+
+    storage = GatedStorage()
+    saver = AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1, on_durable=durable, storage=storage)
+    saver.attach(tr.engine)
+    tr.engine.register_events(*CheckpointEvents)  # ignite registers them at the first save otherwise
+
+    @tr.engine.on(Checkpoint.SAVED_CHECKPOINT)
+    def _queued(engine: Engine) -> None:
+        name = f"checkpoint_epoch={engine.state.epoch}.pt"
+        events.append(("queued", name, os.path.exists(os.path.join(tmp_path, name))))
+        storage.open_all()
+
+    tr.engine.run(tr.data, max_epochs=2)
+    saver.close()
+    for name in ("checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"):
+        queued = events.index(("queued", name, False))
+        assert events.index(("durable", name, True)) > queued, events
+    assert len(events) == 4

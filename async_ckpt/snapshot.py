@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
+from async_ckpt.errors import SnapshotError
+
 __all__ = ["Flat", "Staged", "Stager", "flatten", "unflatten"]
 
 logger = logging.getLogger("async_ckpt")
@@ -336,7 +338,18 @@ class Stager:
                 self._held_bytes -= self._free.pop(0).nbytes
         waited = time.perf_counter() - t0
         if match is None:
-            match = self._allocate(layout, pin, touch=False)
+            try:
+                match = self._allocate(layout, pin, touch=False)
+            except (RuntimeError, MemoryError) as exc:  # out of (pinned) host memory: give the slot back
+                with self._cond:
+                    self._in_use -= 1
+                    self._cond.notify_all()
+                need = sum(n for n, _ in layout) / 2**20
+                raise SnapshotError(
+                    f"cannot allocate {need:.0f} MiB of {'pinned ' if pin else ''}host memory to stage the state "
+                    f"({exc}). Each snapshot in flight holds a full copy: lower max_pending (now "
+                    f"{self.max_pending}), free host memory, or save less state."
+                ) from exc
         return match, waited
 
     def _allocate(self, layout: tuple[tuple[int, str], ...], pin: bool, touch: bool) -> _BufferSet:

@@ -501,3 +501,31 @@ def test_block_overflow_drops_nothing(tmp_path: Path) -> None:
     assert [n for n in _names(tmp_path) if "iteration=" in n and "final" not in n] == sorted(
         f"checkpoint_iteration={i}.pt" for i in range(1, 9)
     )
+
+
+def test_state_larger_than_host_memory_is_a_clear_error_at_the_event(tmp_path: Path, monkeypatch: Any) -> None:
+    """When the staging buffers cannot be allocated, the event raises SnapshotError saying what to change, the slot
+    is given back (no hang), nothing is queued, and the previous checkpoint stays."""
+    from async_ckpt import SnapshotError, snapshot
+
+    t = make_training(batches=1)
+    saver = iteration_saver(tmp_path, t, n_saved=1)
+    saver.attach(t.engine)
+    t.engine.run(t.data, max_epochs=1)
+    before = _names(tmp_path)
+
+    class NoMemory(snapshot._BufferSet):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 TiB")
+
+    monkeypatch.setattr(snapshot, "_BufferSet", NoMemory)
+    saver._pipeline.stager._free.clear()  # the next save needs a fresh allocation
+    with torch.no_grad():
+        t.net[0].weight.add_(1)
+    for _ in range(3):  # the slot is returned each time: repeated failures never block
+        t.engine.state.iteration += 1
+        with pytest.raises(SnapshotError, match="max_pending") as info:
+            saver.interval_completed(t.engine)
+        assert isinstance(info.value.__cause__, RuntimeError)
+    saver.close()
+    assert _names(tmp_path) == before

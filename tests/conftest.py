@@ -152,16 +152,16 @@ def flip_tensor_byte(path: str | os.PathLike[str]) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def clone_tree(tree: Any) -> Any:
-    """A deep copy of a state with every tensor cloned (the reference values at an event)."""
+def clone_tree(tree: Any, device: str | None = None) -> Any:
+    """A deep copy of a state with every tensor cloned (the reference values at an event), optionally moved."""
     if isinstance(tree, torch.Tensor):
-        return tree.detach().clone()
+        return tree.detach().clone() if device is None else tree.detach().to(device, copy=True)
     if isinstance(tree, dict):
-        return type(tree)((k, clone_tree(v)) for k, v in tree.items())
+        return type(tree)((k, clone_tree(v, device)) for k, v in tree.items())
     if isinstance(tree, list):
-        return [clone_tree(v) for v in tree]
+        return [clone_tree(v, device) for v in tree]
     if isinstance(tree, tuple):
-        return tuple(clone_tree(v) for v in tree)
+        return tuple(clone_tree(v, device) for v in tree)
     return tree
 
 

@@ -74,7 +74,8 @@ def test_training_state_at_event_on_device(tmp_path: os.PathLike[str], device: s
 
     @engine.on(Events.ITERATION_COMPLETED)
     def _reference(e: Engine) -> None:
-        expected[e.state.iteration] = clone_tree({"net": net.state_dict(), "opt": opt.state_dict(), "extra": extra})
+        state = {"net": net.state_dict(), "opt": opt.state_dict(), "extra": extra}
+        expected[e.state.iteration] = clone_tree(state, "cpu")
 
     saver = AsyncCheckpointSaver(
         str(tmp_path),
@@ -94,16 +95,4 @@ def test_training_state_at_event_on_device(tmp_path: os.PathLike[str], device: s
     saver.close()
     for it, state in expected.items():
         loaded = torch.load(os.path.join(tmp_path, f"checkpoint_iteration={it}.pt"), map_location="cpu")
-        assert trees_equal(loaded, clone_tree(_to_cpu(state))), it
-
-
-def _to_cpu(tree: Any) -> Any:
-    if isinstance(tree, torch.Tensor):
-        return tree.cpu()
-    if isinstance(tree, dict):
-        return type(tree)((k, _to_cpu(v)) for k, v in tree.items())
-    if isinstance(tree, list):
-        return [_to_cpu(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_to_cpu(v) for v in tree)
-    return tree
+        assert trees_equal(loaded, state), it

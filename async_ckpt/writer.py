@@ -188,6 +188,10 @@ class _Worker:
         with self._lock:
             self._clients.add(client)
 
+    def clients(self) -> list[WriterClient]:
+        with self._lock:
+            return list(self._clients)
+
     def unregister(self, client: WriterClient) -> None:
         with self._lock:
             self._clients.discard(client)
@@ -331,6 +335,12 @@ def _drain_at_exit() -> None:
             timeout,
             ", ".join(left),
         )
+    # Nobody is left to raise failures that happened during this drain (or were never collected): say them.
+    for client in _worker.clients():
+        for failure in client.take_failures():
+            logger.error(
+                "async_ckpt: at interpreter exit, %s failed (%s): %r", failure.job.path, failure.stage, failure.error
+            )
 
 
 if hasattr(os, "register_at_fork"):

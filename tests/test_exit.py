@@ -183,3 +183,28 @@ def test_staging_memory_does_not_grow_over_100_saves(tmp_path: Path) -> None:
     assert seen[0] == (1, one_set) and one_set > 0
     assert seen[1] == (2, 2 * one_set), "the second save did not need a second buffer set"
     assert set(seen[1:]) == {(2, 2 * one_set)}, f"staging grew: {sorted(set(seen))}"
+
+
+def test_a_failure_during_the_exit_drain_is_reported_on_stderr(tmp_path: Path) -> None:
+    """A queued write that fails while the interpreter exits (nobody left to raise it) is logged, never lost."""
+    script = f"""
+import errno, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import make_training
+from async_ckpt import AsyncCheckpointSaver
+from async_ckpt.storage import FileStorage
+
+class Full(FileStorage):
+    def _fsync_fd(self, fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+t = make_training(batches=1)
+saver = AsyncCheckpointSaver({str(tmp_path)!r}, t.save_dict, save_interval=1, storage=Full())
+saver.interval_completed(t.engine)  # queued; the script ends without wait() or close()
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "at interpreter exit" in proc.stderr and "No space left on device" in proc.stderr, proc.stderr
+    assert _names(tmp_path) == []

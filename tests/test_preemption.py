@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_training
+from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.integrity import read_manifest, verify
@@ -272,3 +273,23 @@ def test_attach_outside_the_main_thread_is_refused(tmp_path: Path) -> None:
     assert len(errors) == 1 and isinstance(errors[0], ValueError), errors
     assert "main thread" in str(errors[0])
     assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_a_nested_evaluator_run_does_not_give_the_signal_back(tmp_path: Path) -> None:
+    """With the saver on both trainer and evaluator, the evaluator's COMPLETED leaves the handler installed; the
+    trainer's COMPLETED gives it back."""
+    t = make_training(batches=1)
+    evaluator = Engine(lambda e, b: None)
+    before = signal.getsignal(signal.SIGUSR1)
+    seen: list[object] = []
+    with AsyncCheckpointSaver(str(tmp_path), t.save_dict, save_final=True, preempt_signal=signal.SIGUSR1) as saver:
+        saver.attach(t.engine)
+        saver.attach(evaluator)
+        t.engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+        t.engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(signal.getsignal(signal.SIGUSR1)))
+        t.engine.run(t.data, max_epochs=2)
+        after_run = signal.getsignal(signal.SIGUSR1)
+    guard = saver._preemption
+    assert guard is not None
+    assert all(h == guard._on_signal for h in seen) and len(seen) == 2
+    assert after_run == before

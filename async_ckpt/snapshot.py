@@ -15,9 +15,11 @@ This module neither touches files nor starts threads.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import logging
+import mmap
 import pickle
 import threading
 import time
@@ -207,6 +209,24 @@ def _untag(keys: list[tuple[int, int]]) -> None:
         _DEVICE_OF_BUFFER.pop(key, None)
 
 
+_HUGE_PAGE = 2 << 20
+
+
+def _host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
+    """A host byte buffer; large unpinned ones are asked to be backed by transparent huge pages.
+
+    On Linux, an anonymous mapping advised ``MADV_HUGEPAGE`` faults in 2 MiB at a time: measured here, touching a
+    fresh 2 GiB buffer took 0.16 s instead of 0.5 s, and copies into it ran 5-10% faster (fewer TLB misses).
+    Pinned buffers come from torch's (CUDA host) allocator as before.
+    """
+    if pin or nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(OSError):  # a kernel without THP: ordinary pages, same behaviour otherwise
+        area.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(area, dtype=torch.uint8)  # the tensor keeps the mapping alive
+
+
 class _BufferSet:
     """Host buffers for one snapshot in flight, one per source storage, kept in a ``TensorDict``."""
 
@@ -215,7 +235,7 @@ class _BufferSet:
         self.pinned = pin
         t0 = time.perf_counter()
         self.buffers = TensorDict(
-            {str(i): torch.empty(n, dtype=torch.uint8, pin_memory=pin) for i, (n, _) in enumerate(layout)},
+            {str(i): _host_buffer(n, pin) for i, (n, _) in enumerate(layout)},
             batch_size=[],
         )
         if touch:  # fault the pages in now, so the first copy into them runs at memcpy speed

@@ -65,7 +65,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future as TorchFuture
 
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
-from async_ckpt.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name
+from async_ckpt.resume import _pid_alive
+from async_ckpt.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name, temp_owner
 
 __all__ = [
     "DurableFileSystemWriter",
@@ -239,30 +240,6 @@ def _remove_tree(path: str) -> None:
             os.unlink(path)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _temp_dir_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of the rank 0 that created the temporary checkpoint directory ``name``, or ``None``.
-
-    The names have four dot-separated fields after the marker (``<host>.<pid>.<token>.<n>``), so the file saver's
-    cleanup (which parses three) never takes them for its own temporary files.
-    """
-    if TMP_MARKER not in name:
-        return None
-    parts = name.rsplit(TMP_MARKER, 1)[1].split(".")
-    if len(parts) != 4 or not parts[1].isdigit():
-        return None
-    return parts[0], int(parts[1])
-
-
 def remove_stale_temp_dirs(save_dir: str) -> list[str]:
     """Delete the temporary checkpoint directories that a sharded saver of a finished or crashed run left behind.
 
@@ -275,7 +252,7 @@ def remove_stale_temp_dirs(save_dir: str) -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
-        owner = _temp_dir_owner(name)
+        owner = temp_owner(name, fields=4)
         if owner is None or owner[0] != _HOST or _pid_alive(owner[1]):
             continue
         path = os.path.join(save_dir, name)

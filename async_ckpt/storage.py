@@ -26,12 +26,18 @@ TMP_MARKER = ".async_ckpt-tmp-"
 _HOST = "".join(c if c.isalnum() or c == "-" else "_" for c in socket.gethostname()) or "host"
 
 
-def temp_owner(name: str) -> tuple[str, int] | None:
-    """(host, pid) of the process that created the temporary file ``name``, or ``None`` if it is not ours."""
+def temp_owner(name: str, fields: int = 3) -> tuple[str, int] | None:
+    """(host, pid) of the process that created the temporary file ``name``, or ``None`` if it is not ours.
+
+    Args:
+        name: a file or directory name.
+        fields: dot-separated fields after the marker: 3 for files (``<host>.<pid>.<token>``), 4 for the sharded
+            saver's directories (``<host>.<pid>.<token>.<n>``), so neither cleanup takes the other's names.
+    """
     if TMP_MARKER not in name:
         return None
     parts = name.rsplit(TMP_MARKER, 1)[1].split(".")
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != fields or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1])
 

@@ -156,10 +156,6 @@ class WriterClient:
             out, self._failures = self._failures, []
         return out
 
-    def has_failures(self) -> bool:
-        with self._cond:
-            return bool(self._failures)
-
     def close(self, timeout: float | None = None) -> bool:
         """Wait for this client's jobs, refuse new ones, and join the worker if no other client keeps it busy.
 

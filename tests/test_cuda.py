@@ -50,6 +50,39 @@ def test_deferred_cuda_copy_is_guarded_by_stream_wait() -> None:
     staged.release()
 
 
+@cuda
+def test_deferred_copy_holds_sources_until_recorded_on_side_stream() -> None:
+    """Overlap mode issues copies on a background thread: a source dropped right after stage() is still copied
+    from its values at the event, even if the caching allocator could hand its memory to a new tensor."""
+    stager = Stager(max_pending=1)
+    x = torch.randn(1 << 24, device="cuda")
+    expected = x.cpu()
+    staged = stager.stage([x], defer=[True])
+    assert staged is not None
+    del x
+    y = torch.full((1 << 24,), 7.0, device="cuda")  # would reuse x's block if nothing protected it
+    staged.wait_ready()
+    assert torch.equal(staged.views[0], expected)
+    assert torch.all(y == 7)
+    staged.release()
+
+
+@cuda
+def test_eager_and_deferred_copies_on_one_device_both_see_the_event() -> None:
+    """A snapshot with eager (buffers) and deferred (parameters) storages on one GPU copies each at the event."""
+    a = torch.randn(1 << 20, device="cuda")
+    b = torch.randn(1 << 20, device="cuda")
+    want_a, want_b = a.cpu(), b.cpu()
+    staged = Stager(max_pending=1).stage([a, b], defer=[False, True])
+    assert staged is not None
+    a.add_(1)  # ordered after the eager copy by the compute stream's wait
+    staged.guard()
+    b.add_(1)  # ordered after the deferred copy by the guard
+    staged.wait_ready()
+    assert torch.equal(staged.views[0], want_a) and torch.equal(staged.views[1], want_b)
+    staged.release()
+
+
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("mode", ["eager", "overlap"])
 def test_training_state_at_event_on_device(tmp_path: os.PathLike[str], device: str, mode: str) -> None:

@@ -84,8 +84,8 @@ class AsyncCheckpointSaver:
         sync_errors: in a distributed run, agree across ranks at every checkpoint event and at ``COMPLETED``
             (one small all-reduce) whether the saving rank has a write failure, so every rank raises together.
         prewarm: allocate and touch the staging buffers at ``attach`` instead of during the first save (useful for
-            large or pinned states; the layout must be final by then, e.g. optimizer state already created or
-            loaded, otherwise the first save allocates again).
+            large or pinned states), and again after the first iteration if the state grew by then (optimizers
+            such as Adam create their state at their first step).
         on_durable: called with the :class:`~async_ckpt.SaveStats` of each checkpoint once its file is durable,
             on the writer thread (keep it short; an exception in it is reported like a write failure). ignite's
             ``Checkpoint.SAVED_CHECKPOINT`` event, by contrast, fires when the snapshot is taken and queued.
@@ -254,6 +254,7 @@ class AsyncCheckpointSaver:
                 f"preempt_signal={preempt_signal!r} writes the final checkpoint on the signal; pass save_final=True."
             )
         self._prewarm = prewarm
+        self._prewarmed_after_step = False
         self._preemption = (
             PreemptionGuard(self._save_on_preemption, self._flush_for, preempt_signal, preempt_grace_s)
             if preempt_signal is not None
@@ -303,6 +304,17 @@ class AsyncCheckpointSaver:
             self._preemption.install(engine)
         if self._prewarm and self._handlers and idist.get_rank() == 0:
             self._pipeline.prewarm()
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._prewarm_after_first_step)
+
+    def _prewarm_after_first_step(self, engine: Engine) -> None:
+        # Optimizers create their state (Adam's moments) at their first step, after attach: allocate for the
+        # layout the saves will see, once, so the first save does not pay for it.
+        if self._prewarmed_after_step:
+            return
+        self._prewarmed_after_step = True
+        made = self._pipeline.prewarm()
+        if made:
+            self.logger.info(f"async_ckpt: the state grew after attach (optimizer state); re-prewarmed {made} set(s)")
 
     def _delete_previous_final_ckpt(self) -> None:
         if self._final_checkpoint is not None:

@@ -445,13 +445,18 @@ class Stager:
         """Allocate (and touch) every buffer set for the layout of ``tensors`` now, off the first save's clock.
 
         Pinned allocation in particular is slow (seconds for tens of GiB). Sets for the layout that are already
-        held count; the pool never holds more than ``max_pending`` sets.
+        held count; free sets for another layout (an earlier prewarm, before the optimizer created its state) are
+        dropped; the pool never holds more than ``max_pending`` sets.
 
         Returns:
             How many buffer sets were allocated.
         """
         plan = _plan(tensors)
         pin = plan.on_cuda and torch.cuda.is_available()
+        with self._cond:
+            for stale in [b for b in self._free if b.layout != plan.layout or b.pinned != pin]:
+                self._free.remove(stale)
+                self._held_bytes -= stale.nbytes
         made = 0
         while True:
             with self._cond:

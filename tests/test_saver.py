@@ -231,6 +231,23 @@ def test_prewarm_at_attach_takes_allocation_off_the_first_save(tmp_path: os.Path
     assert saver._pipeline.stager.allocations == 2
 
 
+def test_prewarm_follows_optimizer_state_created_at_the_first_step(tmp_path: os.PathLike[str]) -> None:
+    """Attached before the optimizer's first step (Adam has no state yet), prewarm allocates again once, after
+    the first iteration, for the grown layout; no save allocates, and the pool holds only max_pending sets."""
+    tr = make_training()
+    saver = AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=2, epoch_level=False, prewarm=True)
+    saver.attach(tr.engine)
+    stager = saver._pipeline.stager
+    assert stager.allocations == 2
+    at_attach = stager.memory_bytes()
+    tr.engine.run(tr.data, max_epochs=3)
+    saver.close()
+    assert stager.allocations == 4  # 2 at attach, 2 after the first step; none during the 4 saves
+    assert stager.memory_bytes() > at_attach
+    assert len(stager._free) == 2
+    assert len(checkpoint_names(tmp_path)) == 4
+
+
 def test_evaluator_rounds_are_never_deduplicated(tmp_path: os.PathLike[str]) -> None:
     """An evaluator restarts its counters every run, yet each round's best-model file holds that round's weights,
     even when the trainer updates them through ``.data`` (invisible to version counters)."""

@@ -12,18 +12,27 @@ one rank) with ``dcp.async_save``; this module adds the guarantees of :mod:`asyn
   on rank 0 before rank 0 writes ``.metadata``; the writer below fsyncs each rank's directory inside that step. So
   when rank 0's upload future resolves without an error, every rank's shard is durable: rank 0 then publishes from
   the training thread (at the next iteration, save or ``wait()``).
-* **Keep-last-N pruning** of whole checkpoint directories, after the replacement is visible. A pruned directory is
-  first renamed to a temporary name, so it is never seen half-deleted under a checkpoint name.
+* **Keep-last-N and top-N pruning** of whole checkpoint directories, after the replacement is visible. Interval
+  checkpoints keep the latest N, scored checkpoints the best N by ``score_function`` (ignite's ``Checkpoint``
+  rules and names), the final checkpoint the latest one. A pruned directory is first renamed to a temporary name,
+  so it is never seen half-deleted under a checkpoint name. Rank 0's lists are authoritative: whether a scored
+  checkpoint is saved is rank 0's decision, sent with the error agreement, so every rank enters DCP's collectives
+  or none does.
 * **Errors on every rank.** A failed write, a failed copy at the event or a failed publish is raised on every rank
-  at the next save or ``wait()``: each rank contributes a flag to one small all-reduce, issued from the training
-  thread on a gloo group of its own (DCP's collectives run in its upload thread on a second gloo group, so the two
-  never interleave, nor do they interleave with the model's collectives).
+  at the next save or ``wait()``: each rank contributes a flag (and, for a scored save, its score and decision)
+  to one small all-gather, issued from the training thread on a gloo group of its own (DCP's collectives run in
+  its upload thread on a second gloo group, so the two never interleave, nor do they interleave with the model's
+  collectives).
+* **A final checkpoint** at ``COMPLETED`` and on ``EXCEPTION_RAISED``; on an exception, without a collective on
+  the training thread and with DCP's collectives on a third group whose timeout is ``exception_timeout``, since
+  the other ranks may not have raised.
 
 One save is in flight at a time: a save waits for the previous upload (backpressure) before it copies the state
 into DCP's cached CPU buffers, which are reused from one checkpoint to the next.
 
-Every rank must construct the saver (the constructor creates process groups) and call ``save``/``wait``/``close``
-at the same points; with :meth:`ShardedCheckpointSaver.attach` that holds as long as every rank attaches it.
+Every rank must construct the saver (the constructor creates process groups) and call
+``save``/``save_best``/``wait``/``close`` at the same points; with :meth:`ShardedCheckpointSaver.attach` that holds
+as long as every rank attaches it.
 """
 
 from __future__ import annotations
@@ -32,21 +41,25 @@ import contextlib
 import ctypes
 import errno
 import logging
+import math
+import numbers
 import os
 import re
 import shutil
 import sys
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
@@ -351,12 +364,20 @@ def _describe(error: BaseException) -> str:
 
 
 # -- the saver -------------------------------------------------------------------------------------------------------
+_Kind = Literal["interval", "best", "final"]
+# The saver's checkpoint lists as one picklable value (sent from rank 0 to the others): interval paths oldest first,
+# (score, path) of the scored ones worst first, final paths oldest first, and the last published path.
+_Lists = tuple[list[str], list[tuple[float, str]], list[str], str | None]
+
+
 @dataclass
 class _InFlight:
     name: str
     final: str
     tmp: str
     future: Future[Any]
+    kind: _Kind
+    score: float
 
 
 @dataclass
@@ -366,11 +387,42 @@ class _Latched:
     stage: str  # "write", "stage", "publish" or "remove"
 
 
+def _never_saves(checkpoint: Mapping[str, Any], filename: str) -> None:  # pragma: no cover - never called
+    raise AssertionError("the ranking Checkpoint of ShardedCheckpointSaver does not save")
+
+
+def _format_score(score: float) -> str:
+    """A score as ignite's ``Checkpoint`` writes it into a name: integers as they are, other numbers to 4 decimals."""
+    return f"{score}" if isinstance(score, numbers.Integral) else f"{score:.4f}"
+
+
+def _parse_score(text: str) -> float:
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else float(text)
+
+
+def _same_score(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
 class ShardedCheckpointSaver:
     """Checkpoint sharded (FSDP/DTensor) or replicated state with DCP in the background, per rank, atomically.
 
-    Each checkpoint is a directory ``<save_dir>/<file_prefix>_checkpoint_<epoch|iteration>=<n>`` (MONAI/ignite's
-    interval names without ``.pt``) holding one file per rank and DCP's ``.metadata``. Load one with :func:`load`.
+    Each checkpoint is a directory in ``save_dir`` named as ignite's ``Checkpoint`` (and so MONAI's
+    ``CheckpointSaver``) names its files, without ``.pt``:
+
+    * ``[<file_prefix>_]checkpoint_<epoch|iteration>=<n>`` for interval saves;
+    * ``[<file_prefix>_]checkpoint_<score_name>=<score>`` (``[<file_prefix>_]checkpoint_<score>`` without
+      ``score_name``) for scored saves, the score written as ignite writes it: an integer as it is, any other number
+      with four decimals. Two scores that print the same share a name: the later save replaces the earlier one, as
+      with ignite;
+    * ``[<file_prefix>_]checkpoint_final_iteration=<n>`` for the final checkpoint (MONAI's name).
+
+    A directory holds one file per rank and DCP's ``.metadata``. Load one with :func:`load`.
+
+    Three lists are kept, and each is pruned only after a new checkpoint of its kind has been published: interval
+    and manual saves (the latest ``n_saved``), scored saves (the best ``n_best``, by the rules of ignite's
+    ``Checkpoint``) and the final checkpoint (the latest one). A directory that another list still holds is not
+    deleted.
 
     Args:
         save_dir: directory that holds the checkpoint directories (on a file system every rank sees).
@@ -380,8 +432,19 @@ class ShardedCheckpointSaver:
         file_prefix: prefix of the directory names.
         save_interval: with :meth:`attach`, save every N epochs/iterations; 0 disables interval saves.
         epoch_level: ``save_interval`` counts epochs (``True``) or iterations (``False``).
-        n_saved: keep the latest N checkpoints of this saver (``None``: all). Older ones are deleted after the new
-            one is visible.
+        n_saved: keep the latest N interval and manual (:meth:`save`) checkpoints (``None``: all). Older ones are
+            deleted after the new one is visible.
+        score_function: enables scored saves (ignite's ``score_function``): maps the engine to a number, higher is
+            better, e.g. ``Checkpoint.get_default_score_fn("acc")`` (or ``(..., -1.0)`` for a loss). It must give
+            the same number on every rank, so compute it from metrics that ignite reduces across ranks; a
+            difference is raised on every rank. With :meth:`attach`, called at every ``EPOCH_COMPLETED``.
+        score_name: the score's name in the directory names of scored saves.
+        n_best: keep the best N scored checkpoints (``None``: all). A score enters while fewer are kept, or when it
+            beats the worst one kept, which is deleted once the new one is visible.
+        greater_or_equal: a score equal to the worst one kept also enters (the later checkpoint is kept).
+        save_final: with :meth:`attach`, save the final checkpoint at ``COMPLETED`` (it replaces the previous
+            final checkpoint), and on ``EXCEPTION_RAISED`` before the exception propagates: see
+            :meth:`attach` for what happens when not every rank raised.
         fsync: fsync shard files, ``.metadata`` and directories (without it a crash can lose a checkpoint that was
             published).
         thread_count: DCP writer threads per rank.
@@ -392,18 +455,22 @@ class ShardedCheckpointSaver:
             ``False`` spreads the writing over the ranks when the replicas are known to be identical.
         staging: DCP ``StagingOptions`` for the copy at the event (default: synchronous copy into cached CPU
             buffers, pinned when CUDA is available).
-        resume: adopt the complete checkpoints already in ``save_dir`` whose names this saver would write (oldest
-            step first), so that ``n_saved`` pruning continues across restarts.
+        resume: adopt the complete checkpoints already in ``save_dir`` whose names this saver would write, so that
+            pruning continues across restarts: interval ones (oldest step first), scored ones (the best ``n_best``,
+            with the score read back from the name, i.e. rounded to 4 decimals; the others are left alone) and
+            final ones. Rank 0 reads the directory and sends the lists to the other ranks.
         timeout: timeout of the saver's collectives (DCP's and the error agreement); a rank that stops taking part
             makes the others fail after it instead of hanging.
-        exception_timeout: on ``EXCEPTION_RAISED``, seconds to wait for the save in flight so it can still be
-            published (no collective is issued then).
+        exception_timeout: on ``EXCEPTION_RAISED``, seconds to wait for the save in flight and the final
+            checkpoint, so they can still be published (no collective is issued by the training thread then).
         storage: directory fsyncs, renames and removals (a :class:`~async_ckpt.storage.FileStorage` subclass; for
             tests and special file systems).
 
     Raises:
-        ValueError: empty ``save_dict``, ``save_interval < 0`` or ``n_saved < 1``.
-        TypeError: a ``save_dict`` value cannot be checkpointed with DCP.
+        ValueError: empty ``save_dict``; ``save_interval < 0``; ``n_saved`` or ``n_best < 1``; ``score_name`` or
+            ``greater_or_equal`` without ``score_function``; a ``file_prefix`` or ``score_name`` that cannot be
+            part of a directory name; ``exception_timeout < 0``.
+        TypeError: a ``save_dict`` value cannot be checkpointed with DCP; ``score_function`` is not callable.
         OSError: ``save_dir`` cannot be created.
     """
 
@@ -416,6 +483,11 @@ class ShardedCheckpointSaver:
         save_interval: int = 1,
         epoch_level: bool = True,
         n_saved: int | None = None,
+        score_function: Callable[[Engine], float] | None = None,
+        score_name: str | None = None,
+        n_best: int | None = 1,
+        greater_or_equal: bool = False,
+        save_final: bool = False,
         fsync: bool = True,
         thread_count: int = 1,
         replicas_from_rank0: bool = True,
@@ -431,6 +503,25 @@ class ShardedCheckpointSaver:
             raise ValueError(f"save_interval={save_interval} must be >= 0 (0 disables interval saves).")
         if n_saved is not None and n_saved < 1:
             raise ValueError(f"n_saved={n_saved} must be None or >= 1.")
+        if n_best is not None and n_best < 1:
+            raise ValueError(f"n_best={n_best} must be None or >= 1 (the number of best checkpoints to keep).")
+        if score_function is not None and not callable(score_function):
+            raise TypeError(f"score_function must be a callable (engine -> number), got {score_function!r}.")
+        if score_function is None and score_name is not None:
+            raise ValueError(
+                f"score_name={score_name!r} only names the score; there is no score_function to compute it. Pass "
+                f"score_function=Checkpoint.get_default_score_fn({score_name!r}) to rank checkpoints by "
+                f"engine.state.metrics[{score_name!r}], or drop score_name."
+            )
+        if score_function is None and greater_or_equal:
+            raise ValueError("greater_or_equal=True decides ties between scores: pass a score_function, or drop it.")
+        for arg, value in (("file_prefix", file_prefix), ("score_name", score_name)):
+            if value is not None and (os.sep in value or "/" in value or TMP_MARKER in value):
+                raise ValueError(f"{arg}={value!r} cannot be part of a directory name: remove '/' and {TMP_MARKER!r}.")
+        if score_name == "":
+            raise ValueError("score_name='' would name directories 'checkpoint_=<score>': pass a name or None.")
+        if exception_timeout < 0:
+            raise ValueError(f"exception_timeout={exception_timeout} must be >= 0 (seconds).")
         self.save_dir = os.fspath(save_dir)
         self.save_dict = dict(save_dict)
         self._items = _items(self.save_dict)
@@ -438,6 +529,11 @@ class ShardedCheckpointSaver:
         self.save_interval = save_interval
         self.epoch_level = epoch_level
         self.n_saved = n_saved
+        self.score_function = score_function
+        self.score_name = score_name
+        self.n_best = n_best
+        self.greater_or_equal = greater_or_equal
+        self.save_final = save_final
         self.fsync = fsync
         self.thread_count = thread_count
         self.replicas_from_rank0 = replicas_from_rank0
@@ -447,7 +543,23 @@ class ShardedCheckpointSaver:
         self._in_flight: _InFlight | None = None
         self._latched: list[_Latched] = []
         self._saved: list[str] = []
+        # ignite's own Checkpoint holds the best-N list and decides by its rules (_check_lt_n_saved, _compare_fn).
+        # It never saves anything: its list changes only when a scored checkpoint has been published.
+        self._ranking: Checkpoint | None = None
+        if score_function is not None:
+            self._ranking = Checkpoint(
+                {},
+                _never_saves,
+                score_function=score_function,
+                score_name=score_name,
+                n_saved=n_best,
+                greater_or_equal=greater_or_equal,
+            )
+        self._finals: list[str] = []
+        self._last: str | None = None
         self._counter = 0
+        self._asides = 0
+        self._agreement_error: BaseException | None = None  # what the last failed agreement raised on this rank
         self._closed = False
 
         self._distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -455,7 +567,9 @@ class ShardedCheckpointSaver:
         self.world_size = dist.get_world_size() if self._distributed else 1
         self._dcp_group: dist.ProcessGroup | None = None
         self._ctl_group: dist.ProcessGroup | None = None
+        self._exc_group: dist.ProcessGroup | None = None
         setup_error: BaseException | None = None
+        adopted: _Lists | None = None
         token = f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         if self.rank == 0:
             try:
@@ -464,45 +578,108 @@ class ShardedCheckpointSaver:
                 removed = remove_stale_temp_dirs(self.save_dir)
                 if removed:
                     logger.info("async_ckpt: removed %d temporary checkpoint(s) of an interrupted run", len(removed))
+                if resume:
+                    adopted = self._adopt()
             except OSError as exc:
                 setup_error = exc
         if self._distributed:
-            # Two gloo groups, created in the same order on every rank: DCP's upload thread uses one, the training
+            # Gloo groups, created in the same order on every rank: DCP's upload thread uses one, the training
             # thread's error agreement the other, so that collectives of different threads never share a group.
             self._dcp_group = dist.new_group(backend="gloo", timeout=timeout)
             self._ctl_group = dist.new_group(backend="gloo", timeout=timeout)
-            shared: list[Any] = [token, repr(setup_error) if setup_error is not None else None]
+            if save_final:
+                # DCP's collectives for the final checkpoint on EXCEPTION_RAISED, which a rank that did not raise
+                # never joins: they give up after exception_timeout, and cannot pair with the other groups' calls.
+                self._exc_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(exception_timeout, 1)))
+            shared: list[Any] = [token, repr(setup_error) if setup_error is not None else None, adopted]
             dist.broadcast_object_list(shared, src=0, group=self._ctl_group)
-            token, remote_error = shared
+            token, remote_error, adopted = shared
             if remote_error is not None and setup_error is None:
                 raise OSError(f"rank 0 could not prepare save_dir={self.save_dir!r}: {remote_error}")
         if setup_error is not None:
             raise setup_error
         self._token = token
-        if resume:
-            self._saved = self._existing_checkpoints()
+        if adopted is not None:
+            self._set_lists(adopted)
 
     # -- public API ------------------------------------------------------------------------------------------------
     @property
     def saved(self) -> list[str]:
-        """Paths of this saver's published checkpoints, oldest first (authoritative on rank 0)."""
+        """Paths of the interval and manual checkpoints kept, oldest first.
+
+        Rank 0's lists are authoritative; the other ranks' are the same after every ``save``/``save_best``/``wait``
+        (when a failure is agreed, rank 0's lists replace theirs).
+        """
         return list(self._saved)
 
     @property
+    def best(self) -> list[tuple[float, str]]:
+        """``(score, path)`` of the scored checkpoints kept, worst first (the order of ignite's ``Checkpoint``)."""
+        if self._ranking is None:
+            return []
+        return [(item.priority, item.filename) for item in self._ranking._saved]
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        """Path of the kept checkpoint with the highest score."""
+        best = self.best
+        return best[-1][1] if best else None
+
+    @property
+    def final_checkpoint(self) -> str | None:
+        """Path of the final checkpoint kept."""
+        return self._finals[-1] if self._finals else None
+
+    @property
     def last_checkpoint(self) -> str | None:
-        return self._saved[-1] if self._saved else None
+        """Path of the checkpoint this saver published last, of any kind. After ``resume``, and until this saver
+        publishes one, the newest adopted interval checkpoint."""
+        return self._last
 
     def checkpoint_name(self, step: int) -> str:
-        unit = "epoch" if self.epoch_level else "iteration"
-        prefix = f"{self.file_prefix}_" if self.file_prefix else ""
-        return f"{prefix}checkpoint_{unit}={step}"
+        """Name of the interval checkpoint at ``step`` (an epoch or an iteration, after ``epoch_level``)."""
+        return self._name("epoch" if self.epoch_level else "iteration", str(step))
 
-    def attach(self, engine: Engine) -> None:
-        """Save every ``save_interval`` epochs/iterations, publish finished saves after each iteration, flush and
-        agree on errors at ``COMPLETED``. Every rank must attach the saver to its trainer."""
+    def best_name(self, score: float) -> str:
+        """Name of the scored checkpoint with ``score``."""
+        return self._name(self.score_name, _format_score(score))
+
+    def final_name(self, iteration: int) -> str:
+        """Name of the final checkpoint at ``iteration``."""
+        return self._name("final_iteration", str(iteration))
+
+    def attach(self, engine: Engine, score_engine: Engine | None = None) -> None:
+        """Register the saver's handlers. Every rank must attach it, to the same engines.
+
+        On ``engine`` (the trainer): an interval save every ``save_interval`` epochs/iterations; publishing of a
+        finished save after each iteration; at ``COMPLETED``, the final checkpoint (with ``save_final``), then
+        :meth:`wait`; on ``EXCEPTION_RAISED``, see below. With ``score_function``, :meth:`save_best` runs at every
+        ``EPOCH_COMPLETED`` of ``score_engine`` (default: ``engine``; an evaluator must then run on every rank).
+        Handlers of one event run in the order they were added: attach after the metrics or the validation that
+        the score reads.
+
+        On ``EXCEPTION_RAISED`` no rank issues a collective from the training thread, since the other ranks may
+        not have raised. The saver waits up to ``exception_timeout`` seconds in all for the save in flight and
+        publishes it if it succeeded. Then, with ``save_final``, it writes the final checkpoint and waits for it
+        within the same time, then the exception propagates. DCP's collectives for it run on a process group of
+        their own with ``exception_timeout`` as its timeout: when every rank raised, it completes and rank 0
+        publishes it; when a rank did not raise, that rank never joins, the final checkpoint is not published (its
+        temporary directory is removed by the next run) and DCP's thread fails after ``exception_timeout``. The
+        final checkpoint is not tried when the exception comes from the saver's error agreement (a failed save, or
+        a rank that could not copy its state or compute its score): every rank raised there, and each one skips
+        it, so none is left waiting for the others.
+        """
+        if score_engine is not None and self.score_function is None:
+            raise ValueError(
+                "score_engine only triggers scored saves: pass a score_function too, or drop score_engine."
+            )
         if self.save_interval > 0:
             event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
             engine.add_event_handler(event(every=self.save_interval), self._interval_completed)
+        if self.score_function is not None:
+            (score_engine if score_engine is not None else engine).add_event_handler(
+                Events.EPOCH_COMPLETED, self.save_best
+            )
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._poll)
         engine.add_event_handler(Events.COMPLETED, self._completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
@@ -511,28 +688,59 @@ class ShardedCheckpointSaver:
         """Start writing a checkpoint named ``name`` (a collective: every rank calls it with the same name).
 
         Waits for the previous save to finish uploading, copies the state into the staging buffers, agrees with
-        every rank that nothing failed, and starts the upload. Returns when the state may be modified again.
+        every rank that nothing failed, and starts the upload. Returns when the state may be modified again. The
+        checkpoint joins the interval list (pruned to ``n_saved``).
 
         Raises:
             CheckpointWriteError: an earlier save failed on some rank (raised on every rank; the rank that failed
                 has the original as ``__cause__``).
             SnapshotError: this rank could not copy its state (the other ranks raise ``CheckpointWriteError``).
         """
+        self._save(name, "interval")
+
+    def save_best(self, engine: Engine) -> str | None:
+        """Score ``engine`` and save a checkpoint if the score enters the best ``n_best`` (a collective).
+
+        Every rank calls it at the same point. It waits for the save in flight (so that a scored save still being
+        written counts), scores ``engine`` with ``score_function``, and sends the score and rank 0's decision with
+        the error agreement: every rank saves, or none does. A NaN score is never saved. The checkpoint this one
+        displaces is deleted after this one is published.
+
+        Returns:
+            The name of the checkpoint started, or ``None`` when the score does not enter.
+
+        Raises:
+            ValueError: the score differs between ranks (on every rank), or is not a number.
+            CheckpointWriteError, SnapshotError: as :meth:`save`.
+        """
         self._check_usable()
-        if os.sep in name or is_temp_name(name) or name in ("", ".", ".."):
-            raise ValueError(f"invalid checkpoint name {name!r}")
+        if self._ranking is None:
+            raise RuntimeError("save_best needs a score_function: pass one to ShardedCheckpointSaver.")
         self._settle(timeout=None)
         error: BaseException | None = self._take_error()
-        staged: StateDict | None = None
+        score: float = math.nan
         if error is None:
             try:
-                staged = self._stage()
+                score = self._score(engine)
             except Exception as exc:
-                error = SnapshotError(f"could not copy the state for checkpoint {name!r} on rank {self.rank}: {exc!r}")
-                error.__cause__ = exc
-        self._agree(error, what=name)
-        assert staged is not None
-        self._launch(name, staged)
+                error = exc
+        enters = error is None and not math.isnan(score) and self._enters(score)
+        rows = self._agree(error, what="the scored save", values=(score, float(enters)))
+        if not all(_same_score(row[1], score) for row in rows):
+            scores = ", ".join(f"rank {rank}: {row[1]!r}" for rank, row in enumerate(rows))
+            raise ValueError(
+                f"score_function gave different scores on the ranks ({scores}); the decision to save and the "
+                "directory name must be the same on every rank. Compute the score from metrics that ignite reduces "
+                "across ranks (engine.state.metrics), not from per-rank values."
+            )
+        if math.isnan(score):
+            logger.warning("async_ckpt: the score is NaN; no scored checkpoint is saved")
+            return None
+        if not rows[0][2]:
+            return None
+        name = self.best_name(score)
+        self._save(name, "best", score)
+        return name
 
     def wait(self) -> None:
         """Wait for the save in flight, publish it, and raise any failure on every rank (a collective)."""
@@ -565,12 +773,17 @@ class ShardedCheckpointSaver:
         self._settle(timeout=0.0)
 
     def _completed(self, engine: Engine) -> None:
+        if self.save_final:
+            self._save(self.final_name(engine.state.iteration), "final")
         self.wait()
 
     def _exception_raised(self, engine: Engine, e: BaseException) -> None:
-        # No collective here: the other ranks may not have raised. Publish what is already durable, then re-raise.
+        # No collective here: the other ranks may not have raised. See attach().
+        deadline = time.monotonic() + self.exception_timeout
         try:
             self._settle(timeout=self.exception_timeout)
+            if self.save_final and not self._closed and e is not self._agreement_error:
+                self._save_final_on_exception(engine, deadline)
         except Exception:  # pragma: no cover - _settle latches errors instead of raising
             logger.exception("async_ckpt: could not settle the checkpoint in flight")
         raise e
@@ -580,6 +793,78 @@ class ShardedCheckpointSaver:
         if self._closed:
             raise CheckpointWriteError("this ShardedCheckpointSaver was closed; create a new one.", path="")
 
+    def _name(self, score_name: str | None, score: str) -> str:
+        """ignite's default name for a checkpoint scored ``score`` (``Checkpoint.setup_filename_pattern``), without
+        the extension."""
+        pattern = Checkpoint.setup_filename_pattern(
+            with_prefix=bool(self.file_prefix),
+            with_score=True,
+            with_score_name=score_name is not None,
+            with_global_step=False,
+        )
+        return pattern.removesuffix(".{ext}").format(
+            filename_prefix=self.file_prefix, name="checkpoint", score_name=score_name, score=score
+        )
+
+    def _score(self, engine: Engine) -> float:
+        assert self.score_function is not None
+        score = self.score_function(engine)
+        if not isinstance(score, numbers.Real):
+            raise ValueError(
+                f"score_function returned {score!r} ({type(score).__name__}); it must return a number, e.g. a "
+                "float metric from engine.state.metrics."
+            )
+        return score
+
+    def _enters(self, score: float) -> bool:
+        """ignite's rule: fewer than ``n_best`` are kept, or ``score`` beats the worst one kept (or equals it, with
+        ``greater_or_equal``)."""
+        assert self._ranking is not None
+        return bool(self._ranking._check_lt_n_saved() or self._ranking._compare_fn(score))
+
+    def _save(self, name: str, kind: _Kind, score: float = math.nan) -> None:
+        self._check_usable()
+        if os.sep in name or is_temp_name(name) or name in ("", ".", ".."):
+            raise ValueError(f"invalid checkpoint name {name!r}")
+        self._settle(timeout=None)
+        error: BaseException | None = self._take_error()
+        staged: StateDict | None = None
+        if error is None:
+            try:
+                staged = self._stage()
+            except Exception as exc:
+                error = SnapshotError(f"could not copy the state for checkpoint {name!r} on rank {self.rank}: {exc!r}")
+                error.__cause__ = exc
+        self._agree(error, what=f"checkpoint {name!r}")
+        assert staged is not None
+        self._launch(name, staged, kind, score, self._dcp_group)
+
+    def _save_final_on_exception(self, engine: Engine, deadline: float) -> None:
+        """Write the final checkpoint and wait for it until ``deadline``, without a collective on this thread."""
+        if self._in_flight is not None:
+            logger.warning(
+                "async_ckpt: no final checkpoint: the save in flight did not finish within exception_timeout=%ss",
+                self.exception_timeout,
+            )
+            return
+        name = self.final_name(engine.state.iteration)
+        try:
+            staged = self._stage()
+        except Exception:
+            logger.exception("async_ckpt: could not copy the state for the final checkpoint %r", name)
+            return
+        self._launch(name, staged, "final", math.nan, self._exc_group)
+        self._settle(timeout=max(0.0, deadline - time.monotonic()))
+        if self._in_flight is not None:
+            logger.warning(
+                "async_ckpt: the final checkpoint %r did not finish within exception_timeout=%ss and is not "
+                "published (a rank that did not raise does not take part in it)",
+                name,
+                self.exception_timeout,
+            )
+        elif self.rank == 0 and self.final_checkpoint == os.path.join(self.save_dir, name):
+            logger.info("async_ckpt: saved the final checkpoint %r after an exception", name)
+
     def _stage(self) -> StateDict:
         state = {key: item.state_dict() if not isinstance(item, dict) else item for key, item in self._items.items()}
         staged = self._stager.stage(state)
@@ -587,7 +872,7 @@ class ShardedCheckpointSaver:
             staged = staged.result()
         return staged
 
-    def _launch(self, name: str, staged: StateDict) -> None:
+    def _launch(self, name: str, staged: StateDict, kind: _Kind, score: float, group: dist.ProcessGroup | None) -> None:
         final = os.path.join(self.save_dir, name)
         tmp = f"{final}{TMP_MARKER}{self._token}.{self._counter}"
         self._counter += 1
@@ -596,7 +881,7 @@ class ShardedCheckpointSaver:
             result = async_save(
                 staged,
                 storage_writer=writer,
-                process_group=self._dcp_group,
+                process_group=group,
                 async_stager=_AlreadyStaged(),
                 planner=DefaultSavePlanner(dedup_save_to_lowest_rank=self.replicas_from_rank0),
                 no_dist=not self._distributed,
@@ -606,7 +891,7 @@ class ShardedCheckpointSaver:
             failed.set_exception(exc)
             result = failed
         future = result.upload_completion if isinstance(result, AsyncSaveResponse) else result
-        self._in_flight = _InFlight(name, final, tmp, future)
+        self._in_flight = _InFlight(name, final, tmp, future, kind, score)
 
     def _settle(self, timeout: float | None) -> None:
         """If the save in flight finished (waiting up to ``timeout``), publish it on rank 0 or latch its error."""
@@ -637,16 +922,55 @@ class ShardedCheckpointSaver:
                 self._latched.append(_Latched(job.final, exc, "publish"))
                 return
             logger.info("async_ckpt: sharded checkpoint %s is durable and visible", job.final)
-        if job.final in self._saved:
-            self._saved.remove(job.final)
-        self._saved.append(job.final)
-        while self.n_saved is not None and len(self._saved) > self.n_saved:
-            old = self._saved.pop(0)
-            if self.rank == 0:
+        self._last = job.final
+        for old in self._record(job):
+            if self.rank == 0 and not self._is_kept(old):
                 try:
                     self._remove_checkpoint(old)
                 except OSError as exc:
                     self._latched.append(_Latched(old, exc, "remove"))
+
+    def _record(self, job: _InFlight) -> list[str]:
+        """Enter a published checkpoint into its list; return the paths that dropped out of the list."""
+        if job.kind == "best":
+            return self._record_best(job.final, job.score)
+        kept, limit = (self._finals, 1) if job.kind == "final" else (self._saved, self.n_saved)
+        if job.final in kept:
+            kept.remove(job.final)  # the rename replaced it
+        kept.append(job.final)
+        dropped: list[str] = []
+        while limit is not None and len(kept) > limit:
+            dropped.append(kept.pop(0))
+        return dropped
+
+    def _record_best(self, path: str, score: float) -> list[str]:
+        """ignite's ``Checkpoint.__call__`` bookkeeping, run once the checkpoint is published: a kept checkpoint of
+        the same name leaves the list (the rename replaced it), otherwise the worst one when the list is full."""
+        assert self._ranking is not None
+        saved = self._ranking._saved
+        dropped: list[str] = []
+        same = next((i for i, item in enumerate(saved) if item.filename == path), None)
+        if same is not None:
+            saved.pop(same)
+        elif not self._ranking._check_lt_n_saved():
+            dropped.append(saved.pop(0).filename)
+        saved.append(Checkpoint.Item(score, path))
+        saved.sort(key=lambda item: item.priority)
+        return dropped
+
+    def _is_kept(self, path: str) -> bool:
+        return path in self._saved or path in self._finals or any(p == path for _, p in self.best)
+
+    def _lists(self) -> _Lists:
+        return list(self._saved), self.best, list(self._finals), self._last
+
+    def _set_lists(self, lists: _Lists) -> None:
+        saved, best, finals, last = lists
+        self._saved = list(saved)
+        if self._ranking is not None:
+            self._ranking._saved = [Checkpoint.Item(score, path) for score, path in best]
+        self._finals = list(finals)
+        self._last = last
 
     def _rename_into_place(self, tmp: str, final: str) -> None:
         if os.path.lexists(final):
@@ -662,7 +986,8 @@ class ShardedCheckpointSaver:
         self.storage.sync_dir(self.save_dir)
 
     def _remove_checkpoint(self, path: str) -> None:
-        aside = f"{path}{TMP_MARKER}{self._token}.del{self._counter}"
+        aside = f"{path}{TMP_MARKER}{self._token}.del{self._asides}"
+        self._asides += 1
         try:
             self.storage._replace(path, aside)
         except FileNotFoundError:
@@ -687,34 +1012,66 @@ class ShardedCheckpointSaver:
         err.__cause__ = first.error
         return err
 
-    def _agree(self, error: BaseException | None, what: str) -> None:
-        """All ranks learn whether any of them failed; every rank raises together (the failing ones their own)."""
-        failed = 0
-        if self._ctl_group is not None:
-            flag = torch.tensor([int(error is not None)], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self._ctl_group)
-            failed = int(flag.item())
-        if error is not None:
-            raise error
-        if failed:
-            raise CheckpointWriteError(
-                f"async_ckpt: {failed} other rank(s) could not write {what} (rank {self.rank} stops with them); "
-                "see their CheckpointWriteError for the cause.",
-                path="",
-            )
+    def _agree(self, error: BaseException | None, what: str, values: Sequence[float] = ()) -> list[list[float]]:
+        """All ranks learn whether any of them failed; every rank raises together (the failing ones their own).
 
-    def _existing_checkpoints(self) -> list[str]:
-        unit = "epoch" if self.epoch_level else "iteration"
-        prefix = f"{self.file_prefix}_" if self.file_prefix else ""
-        pattern = re.compile(rf"^{re.escape(prefix)}checkpoint_{unit}=(\d+)$")
-        found: list[tuple[int, str]] = []
+        ``values`` (as many on every rank) travel with the flag: returns each rank's ``[flag, *values]``, by rank.
+        When some rank failed, rank 0's lists replace the others' before the raise: a publish fails on rank 0
+        alone, after the other ranks had entered the checkpoint into their lists.
+        """
+        rows = [[float(error is not None), *map(float, values)]]
+        if self._ctl_group is not None:
+            mine = torch.tensor(rows[0], dtype=torch.float64)
+            gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+            dist.all_gather(gathered, mine, group=self._ctl_group)
+            rows = [t.tolist() for t in gathered]
+        failed = sum(1 for row in rows if row[0])
+        if failed and self._ctl_group is not None:
+            lists: list[Any] = [self._lists()]
+            dist.broadcast_object_list(lists, src=0, group=self._ctl_group)
+            self._set_lists(lists[0])
+        if failed:
+            self._agreement_error = (
+                error
+                if error is not None
+                else CheckpointWriteError(
+                    f"async_ckpt: {failed} other rank(s) failed at {what} (rank {self.rank} stops with them); "
+                    "see their error for the cause.",
+                    path="",
+                )
+            )
+            raise self._agreement_error
+        return rows
+
+    def _adopt(self) -> _Lists:
+        """The lists of the checkpoints in ``save_dir`` whose names this saver would write (for ``resume``)."""
         try:
-            names = os.listdir(self.save_dir)
-        except FileNotFoundError:  # not shared with rank 0: nothing to adopt (rank 0's list is what counts)
+            names = [n for n in os.listdir(self.save_dir) if not is_temp_name(n)]
+        except FileNotFoundError:
             names = []
+        names = [n for n in names if os.path.isfile(os.path.join(self.save_dir, n, METADATA_NAME))]
+        interval = [path for _, path in self._matching(names, "epoch" if self.epoch_level else "iteration", r"\d+")]
+        finals = [path for _, path in self._matching(names, "final_iteration", r"\d+")]
+        best: list[tuple[float, str]] = []
+        if self._ranking is not None:
+            best = self._matching(names, self.score_name, r"[-+]?(?:\d+(?:\.\d*)?|inf)")
+            if self.n_best is not None and len(best) > self.n_best:
+                logger.info(
+                    "async_ckpt: resume keeps the best %d scored checkpoints; leaving %s alone",
+                    self.n_best,
+                    [path for _, path in best[: -self.n_best]],
+                )
+                best = best[-self.n_best :]
+        return interval, best, finals, interval[-1] if interval else None
+
+    def _matching(self, names: Iterable[str], score_name: str | None, number: str) -> list[tuple[float, str]]:
+        """``(score, path)`` of the ``names`` this saver would give a checkpoint scored under ``score_name``, by
+        score (``number`` is the regular expression of a score)."""
+        before, after = self._name(score_name, "\0").split("\0")
+        pattern = re.compile(rf"{re.escape(before)}({number}){re.escape(after)}")
+        found: list[tuple[float, str]] = []
         for name in names:
-            m = pattern.match(name)
-            path = os.path.join(self.save_dir, name)
-            if m is not None and os.path.isfile(os.path.join(path, METADATA_NAME)):
-                found.append((int(m.group(1)), path))
-        return [path for _, path in sorted(found)]
+            m = pattern.fullmatch(name)
+            if m is not None:
+                found.append((_parse_score(m.group(1)), os.path.join(self.save_dir, name)))
+        return sorted(found, key=lambda item: item[0])

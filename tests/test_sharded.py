@@ -1,23 +1,28 @@
-"""``ShardedCheckpointSaver`` (DCP): round trip, atomic visibility, pruning, errors on every rank, resharding on load.
+"""``ShardedCheckpointSaver`` (DCP): round trip, atomic visibility, keep-last-N and top-N pruning, final checkpoints,
+errors on every rank, resharding on load.
 
-The multi-process tests start two fresh processes that run one ``sharded_*`` scenario of ``_dist_worker.py`` (see
-its docstring) over gloo; ``launch`` bounds each in time and fails it with every rank's output instead of hanging.
-The single-process tests run the same saver without a process group.
+The multi-process tests start two fresh processes that run one ``sharded_*`` scenario of ``_dist_worker.py`` or
+``_sharded_worker.py`` (see their docstrings) over gloo; ``launch`` bounds each in time and fails it with every
+rank's output instead of hanging. The single-process tests run the same saver without a process group.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from _dist_worker import launch
-from conftest import trees_equal
-from ignite.engine import Engine
+from _sharded_worker import launch as launch_sharded
+from conftest import METRICS, Training, clone_tree, make_training, trees_equal
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 
-from async_ckpt import CheckpointWriteError
+from async_ckpt import CheckpointWriteError, FileStorage
 from async_ckpt.sharded import (
     ModelOptimizerState,
     ShardedCheckpointSaver,
@@ -25,7 +30,7 @@ from async_ckpt.sharded import (
     latest_sharded_checkpoint,
     load,
 )
-from async_ckpt.storage import TMP_MARKER
+from async_ckpt.storage import TMP_MARKER, is_temp_name
 
 pytestmark = [
     pytest.mark.skipif(
@@ -47,12 +52,31 @@ def small_net(seed: int) -> torch.nn.Module:
 # -- two processes -----------------------------------------------------------------------------------------------------
 def test_two_process_round_trip_pruning_and_reshard_on_load(tmp_path: Path) -> None:
     """DDP model + Adam + a row-sharded DTensor + the trainer, saved every epoch with ``n_saved=2``; loaded into
-    fresh objects on both ranks, and then in a single process (world size 2 -> 1)."""
-    rank0, rank1 = launch("sharded_roundtrip", tmp_path, timeout=TIMEOUT_S)
+    fresh objects on both ranks, and then in a single process (world size 2 -> 1). Then the best two by a scripted
+    ``acc`` and the final checkpoint: both ranks keep the same list, and exactly those directories are on disk,
+    each holding the state of its event. Then the final checkpoint when both ranks raise."""
+    rank0, rank1 = launch_sharded("sharded_roundtrip_top_n", tmp_path, timeout=TIMEOUT_S)
     for r in (rank0, rank1):
         assert r["saved"] == ["checkpoint_epoch=3", "checkpoint_epoch=4"], r
         assert r["model_equal"] and r["optimizer_equal"] and r["table_equal"], r
         assert r["trainer"] == [4, 12], r
+
+    # acc by epoch: 0.5 0.7 0.7 0.6 0.9 0.9 0.3 0.95 -> 0.9 (epoch 6 replaced epoch 5 under the same name) and 0.95.
+    best = [[0.9, "checkpoint_acc=0.9000"], [0.95, "checkpoint_acc=0.9500"]]
+    expected = {"checkpoint_acc=0.9000": 18, "checkpoint_acc=0.9500": 24, "checkpoint_final_iteration=24": 24}
+    for r in (rank0, rank1):
+        top_n = r["top_n"]
+        assert top_n["best"] == best, top_n
+        assert top_n["final"] == "checkpoint_final_iteration=24", top_n
+        assert top_n["listing"] == sorted(expected), "a displaced checkpoint or a temporary directory was left"
+        assert {name: got["iteration"] for name, got in top_n["loaded"].items()} == expected, top_n["loaded"]
+        for name, got in top_n["loaded"].items():
+            assert got["net_equal"] and got["table_equal"], (name, got)
+
+        final = r["exception_final"]
+        assert final["error"]["type"] == "RuntimeError", final
+        assert final["listing"] == ["checkpoint_final_iteration=5"], "not published before the exception propagated"
+        assert final["iteration"] == 5 and final["net_equal"], final
 
     save_dir = tmp_path / "sharded"
     assert sorted(os.listdir(save_dir)) == ["checkpoint_epoch=3", "checkpoint_epoch=4"], "pruning or a temp dir left"
@@ -94,8 +118,10 @@ def test_two_process_atomic_visibility_and_replacement(tmp_path: Path) -> None:
 
 def test_two_process_injected_failures_surface_on_every_rank(tmp_path: Path) -> None:
     """A shard write failing on rank 1, a publish (rename) failing on rank 0, and a state copy failing on rank 1:
-    each raises on both ranks, at the same point, without a hang; nothing incomplete becomes visible."""
-    rank0, rank1 = launch("sharded_fail", tmp_path, timeout=TIMEOUT_S)
+    each raises on both ranks, at the same point, without a hang; nothing incomplete becomes visible. A score that
+    differs between the ranks is refused on both; after rank 0 fails to publish a scored checkpoint, both ranks
+    hold rank 0's best-N list and go on saving."""
+    rank0, rank1 = launch_sharded("sharded_fail_top_n", tmp_path, timeout=TIMEOUT_S)
 
     w0, w1 = rank0["write"], rank1["write"]
     for w in (w0, w1):
@@ -114,6 +140,21 @@ def test_two_process_injected_failures_surface_on_every_rank(tmp_path: Path) -> 
     assert s1["error"]["type"] == "SnapshotError" and s1["error"]["cause_type"] == "RuntimeError", s1
     assert s0["error"]["type"] == "CheckpointWriteError", s0
     assert s0["listing"] == [], "a save was started although a rank could not copy its state"
+
+    for r in (rank0, rank1):
+        m = r["score_mismatch"]
+        assert m["error"]["type"] == "ValueError" and "different scores" in m["error"]["message"], m
+        assert "rank 0: 0.5, rank 1: 1.5" in m["error"]["message"], m
+        assert m["listing"] == [], "a checkpoint was written with a score that differs between ranks"
+
+    d0, d1 = rank0["publish_denied"], rank1["publish_denied"]
+    assert d0["error_at"] == d1["error_at"] == 2, "the ranks did not raise at the same scored save"
+    assert d0["error"]["is_write_error"] and d0["error"]["cause_type"] == "PermissionError", d0
+    assert d1["error"]["is_write_error"] and d1["error"]["cause_type"] is None, d1
+    for d in (d0, d1):
+        assert d["best_after_error"] == [[0.5, "checkpoint_acc=0.5000"]], "rank 0's list did not replace the others'"
+        assert d["best"] == [[0.6, "checkpoint_acc=0.6000"]], d
+        assert d["listing"] == ["checkpoint_acc=0.6000"], d
 
 
 # -- one process (no process group) ----------------------------------------------------------------------------------
@@ -194,9 +235,44 @@ def test_bad_arguments(tmp_path: Path) -> None:
     saver = ShardedCheckpointSaver(tmp_path, {"net": net})
     with pytest.raises(ValueError, match="invalid checkpoint name"):
         saver.save(f"x{TMP_MARKER}1")
+    with pytest.raises(RuntimeError, match="needs a score_function"):
+        saver.save_best(Engine(lambda e, b: None))
+    with pytest.raises(ValueError, match="pass a score_function too"):
+        saver.attach(Engine(lambda e, b: None), score_engine=Engine(lambda e, b: None))
     saver.close()
     with pytest.raises(CheckpointWriteError, match="closed"):
         saver.save("late")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"n_best": 0, "score_function": lambda e: 1.0}, ValueError, "n_best=0 must be None or >= 1"),
+        ({"score_name": "acc"}, ValueError, r"score_function=Checkpoint.get_default_score_fn\('acc'\)"),
+        ({"greater_or_equal": True}, ValueError, "pass a score_function"),
+        ({"score_function": "acc"}, TypeError, "score_function must be a callable"),
+        ({"score_function": lambda e: 1.0, "score_name": "val/acc"}, ValueError, "remove '/'"),
+        ({"score_function": lambda e: 1.0, "score_name": ""}, ValueError, "pass a name or None"),
+        ({"file_prefix": "runs/a"}, ValueError, "file_prefix='runs/a' cannot be part of a directory name"),
+        ({"exception_timeout": -1.0}, ValueError, "exception_timeout=-1.0 must be >= 0"),
+    ],
+    ids=[
+        "n_best",
+        "score_name-alone",
+        "greater_or_equal-alone",
+        "score_function-type",
+        "score_name-slash",
+        "score_name-empty",
+        "file_prefix-slash",
+        "exception_timeout",
+    ],
+)
+def test_bad_scoring_arguments_raise_at_construction(
+    tmp_path: Path, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        ShardedCheckpointSaver(tmp_path, {"extra": {"t": torch.zeros(1)}}, **kwargs)
+    assert os.listdir(tmp_path) == [], "a refused saver touched save_dir"
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
@@ -218,3 +294,302 @@ def test_saving_under_an_existing_name_replaces_it(
     loaded = {"t": torch.zeros(4)}
     load(tmp_path / "same", {"extra": loaded})
     assert torch.equal(loaded["t"], torch.full((4,), 3.0))
+
+
+# -- scored (top-N) and final checkpoints, one process ---------------------------------------------------------------
+def listing(directory: str | os.PathLike[str]) -> list[str]:
+    """Sorted names in ``directory`` that are not temporary."""
+    return sorted(n for n in os.listdir(directory) if not is_temp_name(n))
+
+
+def record_states(training: Training) -> dict[int, Any]:
+    """The model's state at the end of every epoch, by iteration (the state a save at that event holds)."""
+    states: dict[int, Any] = {}
+
+    @training.engine.on(Events.EPOCH_COMPLETED)
+    def _record(engine: Engine) -> None:
+        states[engine.state.iteration] = clone_tree(training.net.state_dict())
+
+    return states
+
+
+def loaded_state(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
+    """(trainer iteration, model state) of a checkpoint saved from ``{"net": ..., "trainer": ...}``."""
+    net = make_training(seed=7).net
+    trainer = Engine(lambda e, b: None)
+    load(path, {"net": net, "trainer": trainer})
+    return trainer.state.iteration, net.state_dict()
+
+
+class FaultyDisk(FileStorage):
+    """Fails one checkpoint by its final name: ``"write"`` fails the fsync of its temporary directory (so DCP's
+    write fails), ``"publish"`` the rename onto its final name.
+
+    Records the final name of every temporary directory written (fsynced), and every rename between a temporary
+    and a final name, as ``("publish" | "aside", final name)``.
+    """
+
+    def __init__(self, fail: str | None = None, name: str = "") -> None:
+        super().__init__(fsync=True)
+        self.fail, self.name = fail, name
+        self.written: list[str] = []
+        self._synced: set[str] = set()
+        self.renames: list[tuple[str, str]] = []
+
+    def sync_dir(self, directory: str) -> None:
+        if is_temp_name(directory):
+            final = os.path.basename(directory).split(TMP_MARKER)[0]
+            if directory not in self._synced:  # DCP's write step and its finish step both fsync the directory
+                self._synced.add(directory)
+                self.written.append(final)
+            if self.fail == "write" and final == self.name:
+                raise OSError(errno.EIO, os.strerror(errno.EIO), directory)
+        super().sync_dir(directory)
+
+    def _replace(self, src: str, dst: str) -> None:
+        if self.fail == "publish" and os.path.basename(dst) == self.name:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), dst)
+        super()._replace(src, dst)
+        if is_temp_name(src) and not is_temp_name(dst):
+            self.renames.append(("publish", os.path.basename(dst)))
+        elif is_temp_name(dst) and not is_temp_name(src):
+            self.renames.append(("aside", os.path.basename(src)))
+
+
+def scored_saver(directory: Path, save_dict: Mapping[str, Any], **kwargs: Any) -> ShardedCheckpointSaver:
+    """A saver of the best checkpoints by ``engine.state.metrics["acc"]`` and nothing else."""
+    return ShardedCheckpointSaver(
+        directory,
+        save_dict,
+        save_interval=0,
+        score_function=Checkpoint.get_default_score_fn("acc"),
+        score_name="acc",
+        **kwargs,
+    )
+
+
+def test_single_process_top_n_by_score_prunes_after_publish_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import async_ckpt.sharded as sharded
+
+    # Every replacement as two logged renames (no atomic swap), so that the log shows all of them.
+    monkeypatch.setattr(sharded, "_rename_exchange", lambda a, b: False)
+    training = make_training(metrics=METRICS)  # acc by epoch: 0.5 0.7 0.7 0.6 0.9 0.9 0.3 0.95
+    states = record_states(training)
+    disk = FaultyDisk()
+    save_dict = {"net": training.net, "trainer": training.engine}
+    saver = scored_saver(tmp_path, save_dict, n_best=2, file_prefix="run", storage=disk)
+    saver.attach(training.engine)
+    training.engine.run(training.data, max_epochs=len(METRICS))
+
+    a5, a6, a7, a9, a95 = (f"run_checkpoint_acc={s}" for s in ("0.5000", "0.6000", "0.7000", "0.9000", "0.9500"))
+    assert disk.renames == [
+        ("publish", a5),
+        ("publish", a7),
+        ("aside", a7),  # epoch 3 ties a kept score that is not the worst: it replaces it (same name, as ignite)
+        ("publish", a7),
+        ("publish", a6),  # the list was full: the worst (0.5) is deleted, only after 0.6 is visible
+        ("aside", a5),
+        ("publish", a9),
+        ("aside", a6),
+        ("aside", a9),
+        ("publish", a9),  # epoch 7 (0.3) does not enter; epoch 8 displaces 0.7
+        ("publish", a95),
+        ("aside", a7),
+    ]
+    assert disk.written == [a5, a7, a7, a6, a9, a9, a95], "a checkpoint was written that could not enter"
+    assert saver.best == [(0.9, str(tmp_path / a9)), (0.95, str(tmp_path / a95))]
+    assert saver.best_checkpoint == saver.last_checkpoint == str(tmp_path / a95)
+    assert listing(tmp_path) == [a9, a95] and sorted(os.listdir(tmp_path)) == [a9, a95]
+    for name, iteration in ((a9, 18), (a95, 24)):  # 0.9 of epoch 6 replaced that of epoch 5
+        got_iteration, net_state = loaded_state(tmp_path / name)
+        assert got_iteration == iteration
+        assert trees_equal(net_state, states[iteration]), f"{name} does not hold the state of its event"
+    saver.close()
+
+    # resume=True reads the scores back from the names and continues the top-N.
+    resumed = scored_saver(tmp_path, save_dict, n_best=2, file_prefix="run", resume=True)
+    assert resumed.best == [(0.9, str(tmp_path / a9)), (0.95, str(tmp_path / a95))]
+    training.engine.state.metrics["acc"] = 0.92
+    assert resumed.save_best(training.engine) == "run_checkpoint_acc=0.9200"
+    training.engine.state.metrics["acc"] = 0.91  # below the worst kept (0.92) now
+    assert resumed.save_best(training.engine) is None
+    resumed.close()
+    assert listing(tmp_path) == ["run_checkpoint_acc=0.9200", a95]
+
+
+def test_single_process_scores_an_evaluator(tmp_path: Path) -> None:
+    """With ``score_engine``, the score is read from the evaluator at its ``EPOCH_COMPLETED``."""
+    training = make_training(metrics=(0.0,))  # the trainer's own "acc" never enters: the evaluator's does
+    evaluator = Engine(lambda e, b: None)
+    val_acc = iter((0.4, 0.8, 0.6))
+
+    @evaluator.on(Events.EPOCH_COMPLETED)
+    def _metric(e: Engine) -> None:
+        e.state.metrics["acc"] = next(val_acc)
+
+    training.engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0], max_epochs=1))
+    states = record_states(training)
+    saver = scored_saver(tmp_path, {"net": training.net, "trainer": training.engine}, n_best=1)
+    saver.attach(training.engine, score_engine=evaluator)
+    training.engine.run(training.data, max_epochs=3)
+    saver.close()
+    assert listing(tmp_path) == ["checkpoint_acc=0.8000"]
+    iteration, net_state = loaded_state(tmp_path / "checkpoint_acc=0.8000")
+    assert iteration == 6 and trees_equal(net_state, states[6])
+
+
+@pytest.mark.parametrize("greater_or_equal", [False, True])
+def test_single_process_tie_with_the_worst_kept_score(tmp_path: Path, greater_or_equal: bool) -> None:
+    """0.5, 0.7, then 0.5 again with ``n_best=2``: the tie enters only with ``greater_or_equal`` (and then the
+    later checkpoint is kept under the shared name)."""
+    training = make_training(metrics=(0.5, 0.7, 0.5))
+    states = record_states(training)
+    saver = scored_saver(
+        tmp_path, {"net": training.net, "trainer": training.engine}, n_best=2, greater_or_equal=greater_or_equal
+    )
+    saver.attach(training.engine)
+    training.engine.run(training.data, max_epochs=3)
+    saver.close()
+    assert [score for score, _ in saver.best] == [0.5, 0.7]
+    assert listing(tmp_path) == ["checkpoint_acc=0.5000", "checkpoint_acc=0.7000"]
+    iteration, net_state = loaded_state(tmp_path / "checkpoint_acc=0.5000")
+    assert iteration == (9 if greater_or_equal else 3)
+    assert trees_equal(net_state, states[iteration])
+
+
+@pytest.mark.parametrize("fail", ["write", "publish"])
+def test_single_process_failed_scored_save_neither_enters_nor_prunes(tmp_path: Path, fail: str) -> None:
+    disk = FaultyDisk(fail=fail, name="checkpoint_acc=0.9000")
+    state = {"t": torch.zeros(2)}
+    saver = scored_saver(tmp_path, {"extra": state}, n_best=1, storage=disk)
+    engine = Engine(lambda e, b: None)
+
+    def score(value: float) -> str | None:
+        engine.state.metrics["acc"] = value
+        state["t"].fill_(value)
+        return saver.save_best(engine)
+
+    assert score(0.5) == "checkpoint_acc=0.5000"
+    saver.wait()
+    assert score(0.9) == "checkpoint_acc=0.9000"
+    with pytest.raises(CheckpointWriteError, match="Input/output error" if fail == "write" else "Permission denied"):
+        saver.wait()
+    assert saver.best == [(0.5, str(tmp_path / "checkpoint_acc=0.5000"))], "the failed checkpoint entered the list"
+    assert listing(tmp_path) == ["checkpoint_acc=0.5000"]
+    assert is_complete(tmp_path / "checkpoint_acc=0.5000"), "the good checkpoint was pruned or damaged"
+
+    # 0.6 enters because the kept list still holds 0.5 only (it would not beat 0.9).
+    assert score(0.6) == "checkpoint_acc=0.6000"
+    saver.close()
+    assert listing(tmp_path) == ["checkpoint_acc=0.6000"]
+    loaded = {"t": torch.zeros(2)}
+    load(tmp_path / "checkpoint_acc=0.6000", {"extra": loaded})
+    assert torch.equal(loaded["t"], torch.full((2,), 0.6))
+
+
+def test_single_process_score_that_is_not_a_number_or_nan(tmp_path: Path) -> None:
+    value: list[Any] = ["high"]
+    saver = ShardedCheckpointSaver(
+        tmp_path, {"extra": {"t": torch.zeros(1)}}, save_interval=0, score_function=lambda e: value[0]
+    )
+    engine = Engine(lambda e, b: None)
+    with pytest.raises(ValueError, match="must return a number"):
+        saver.save_best(engine)
+    value[0] = float("nan")
+    assert saver.save_best(engine) is None
+    value[0] = 3  # an integer is written as it is, as ignite does
+    assert saver.save_best(engine) == "checkpoint_3"
+    saver.close()
+    assert listing(tmp_path) == ["checkpoint_3"]
+
+
+def ignite_file_name(prefix: str, score_name: str | None, score: float) -> str:
+    """The file name ignite's ``Checkpoint`` gives a checkpoint of two objects scored ``score``."""
+    names: list[str] = []
+
+    def record(checkpoint: Mapping[str, Any], filename: str, metadata: Any = None) -> None:
+        names.append(filename)
+
+    modules = {"a": torch.nn.Linear(1, 1), "b": torch.nn.Linear(1, 1)}
+    reference = Checkpoint(
+        modules, record, filename_prefix=prefix, score_function=lambda e: score, score_name=score_name
+    )
+    reference(Engine(lambda e, b: None))
+    (name,) = names
+    return name
+
+
+@pytest.mark.parametrize("prefix", ["", "run"])
+@pytest.mark.parametrize("score_name", [None, "val_acc"])
+def test_names_are_ignites_without_the_extension(tmp_path: Path, prefix: str, score_name: str | None) -> None:
+    saver = ShardedCheckpointSaver(
+        tmp_path,
+        {"extra": {"t": torch.zeros(1)}},
+        file_prefix=prefix,
+        score_function=lambda e: 0.0,
+        score_name=score_name,
+    )
+    for score in (0.912345, -0.5, 3):
+        assert saver.best_name(score) + ".pt" == ignite_file_name(prefix, score_name, score)
+    run = f"{prefix}_" if prefix else ""
+    assert saver.checkpoint_name(3) == f"{run}checkpoint_epoch=3"  # MONAI's interval name
+    assert saver.final_name(12) == f"{run}checkpoint_final_iteration=12"  # MONAI's final name
+    saver.close()
+
+
+def test_single_process_final_checkpoint_at_completed_replaces_the_previous_one(tmp_path: Path) -> None:
+    training = make_training()
+    saver = ShardedCheckpointSaver(
+        tmp_path, {"net": training.net, "trainer": training.engine}, save_interval=0, save_final=True
+    )
+    saver.attach(training.engine)
+    training.engine.run(training.data, max_epochs=2)
+    assert listing(tmp_path) == ["checkpoint_final_iteration=6"]
+    training.engine.run(training.data, max_epochs=3)  # the same trainer goes on to epoch 3
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_final_iteration=9"], "the previous final was not pruned"
+    assert saver.final_checkpoint == str(tmp_path / "checkpoint_final_iteration=9")
+    iteration, net_state = loaded_state(saver.final_checkpoint)
+    assert iteration == 9 and trees_equal(net_state, training.net.state_dict())
+    saver.close()
+
+
+def test_single_process_final_checkpoint_on_exception_is_published_before_it_propagates(tmp_path: Path) -> None:
+    training = make_training(fail_at_iteration=5)
+    before_failure: list[Any] = []
+    training.engine.add_event_handler(
+        Events.ITERATION_COMPLETED(once=4), lambda e: before_failure.append(clone_tree(training.net.state_dict()))
+    )
+    saver = ShardedCheckpointSaver(
+        tmp_path,
+        {"net": training.net, "trainer": training.engine},
+        save_interval=1,
+        epoch_level=False,
+        n_saved=1,
+        save_final=True,
+    )
+    saver.attach(training.engine)
+    with pytest.raises(RuntimeError, match="boom"):
+        training.engine.run(training.data, max_epochs=3)
+    # Nothing ran after the exception: whatever is visible was published by the handler before it re-raised.
+    assert listing(tmp_path) == ["checkpoint_final_iteration=5", "checkpoint_iteration=4"]
+    saver.close()
+    iteration, net_state = loaded_state(tmp_path / "checkpoint_final_iteration=5")
+    assert iteration == 5 and trees_equal(net_state, before_failure[0])
+
+
+def test_single_process_no_final_checkpoint_after_the_savers_own_failure(tmp_path: Path) -> None:
+    """When the exception comes from the saver's error agreement (here a failed write), the final checkpoint is not
+    attempted: every rank raised there, and a rank that skipped it would leave the others waiting."""
+    training = make_training()
+    disk = FaultyDisk(fail="write", name="checkpoint_iteration=1")
+    saver = ShardedCheckpointSaver(
+        tmp_path, {"net": training.net}, save_interval=1, epoch_level=False, save_final=True, storage=disk
+    )
+    saver.attach(training.engine)
+    with pytest.raises(CheckpointWriteError, match="checkpoint_iteration=1"):
+        training.engine.run(training.data, max_epochs=1)
+    saver.close()
+    assert disk.written == ["checkpoint_iteration=1"], "a final checkpoint was attempted after the write failure"
+    assert os.listdir(tmp_path) == []

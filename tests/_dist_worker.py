@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -577,7 +578,14 @@ def scenario_sharded_fail(rank: int, world: int, work: str) -> dict[str, Any]:
     return out
 
 
-def main() -> None:
+Scenario = Callable[[int, int, str], dict[str, Any]]  # (rank, world size, work dir) -> this rank's result
+
+
+def run_worker(scenarios: dict[str, Scenario]) -> None:
+    """Join the gloo group described by ``sys.argv``, run the named scenario, print its result and exit.
+
+    ``sys.argv``: scenario name, rank, world size, the rendezvous file, the work directory.
+    """
     scenario, rank, world, init_file, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
     torch.set_num_threads(1)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher asks for stacks before killing a hang
@@ -585,22 +593,9 @@ def main() -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
     )
     try:
-        if scenario == "parity":
-            result = scenario_parity(rank, work)
-        elif scenario in ("fail_event", "fail_event_final"):
-            result = scenario_fail_event(rank, work, save_final=scenario.endswith("_final"))
-        elif scenario == "sharded_roundtrip":
-            result = scenario_sharded_roundtrip(rank, world, work)
-        elif scenario == "sharded_visibility":
-            result = scenario_sharded_visibility(rank, world, work)
-        elif scenario == "sharded_fail":
-            result = scenario_sharded_fail(rank, world, work)
-        elif scenario == "fail_evaluator":
-            result = scenario_fail_evaluator(rank, work)
-        elif scenario == "fail_wait":
-            result = scenario_fail_wait(rank, work)
-        else:
+        if scenario not in scenarios:
             raise SystemExit(f"unknown scenario {scenario!r}")
+        result = scenarios[scenario](rank, world, work)
     finally:
         dist.destroy_process_group()
     print("RESULT " + json.dumps({"rank": rank, **result}), flush=True)
@@ -608,6 +603,19 @@ def main() -> None:
     # Under load, gloo's threads sometimes abort the interpreter's teardown ("terminate called without an active
     # exception") after everything above has finished; the scenario's result is complete, so skip the teardown.
     os._exit(0)
+
+
+def main() -> None:
+    run_worker(
+        {
+            "parity": lambda rank, world, work: scenario_parity(rank, work),
+            "fail_event": lambda rank, world, work: scenario_fail_event(rank, work, save_final=False),
+            "fail_event_final": lambda rank, world, work: scenario_fail_event(rank, work, save_final=True),
+            "sharded_visibility": scenario_sharded_visibility,
+            "fail_evaluator": lambda rank, world, work: scenario_fail_evaluator(rank, work),
+            "fail_wait": lambda rank, world, work: scenario_fail_wait(rank, work),
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -20,11 +20,7 @@ Scenarios:
 from __future__ import annotations
 
 import errno
-import faulthandler
-import json
 import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -224,29 +220,22 @@ def phase_publish_denied(rank: int, work: str) -> dict[str, Any]:
     return out
 
 
+def roundtrip_top_n(rank: int, world: int, work: str) -> dict[str, Any]:
+    result = scenario_sharded_roundtrip(rank, world, work)
+    result["top_n"] = phase_top_n(rank, world, work)
+    result["exception_final"] = phase_exception_final(rank, work)
+    return result
+
+
+def fail_top_n(rank: int, world: int, work: str) -> dict[str, Any]:
+    result = scenario_sharded_fail(rank, world, work)
+    result["score_mismatch"] = phase_score_mismatch(rank, work)
+    result["publish_denied"] = phase_publish_denied(rank, work)
+    return result
+
+
 def main() -> None:
-    scenario, rank, world, init_file, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    torch.set_num_threads(1)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the launcher asks for stacks before killing a hang
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
-    )
-    try:
-        if scenario == "sharded_roundtrip_top_n":
-            result = scenario_sharded_roundtrip(rank, world, work)
-            result["top_n"] = phase_top_n(rank, world, work)
-            result["exception_final"] = phase_exception_final(rank, work)
-        elif scenario == "sharded_fail_top_n":
-            result = scenario_sharded_fail(rank, world, work)
-            result["score_mismatch"] = phase_score_mismatch(rank, work)
-            result["publish_denied"] = phase_publish_denied(rank, work)
-        else:
-            raise SystemExit(f"unknown scenario {scenario!r}")
-    finally:
-        dist.destroy_process_group()
-    print("RESULT " + json.dumps({"rank": rank, **result}), flush=True)
-    sys.stderr.flush()
-    os._exit(0)  # as _dist_worker: skip an interpreter teardown that gloo's threads sometimes abort
+    _dist_worker.run_worker({"sharded_roundtrip_top_n": roundtrip_top_n, "sharded_fail_top_n": fail_top_n})
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ share one in the copy, exactly as ``torch.save`` would write them. Non-tensor le
 Buffers are grouped in *buffer sets*, one per snapshot in flight. A set is allocated once for a state layout (the
 byte sizes of its storages) and reused for every later save with the same layout, so a save costs one copy, not an
 allocation. When the state lives on a GPU the buffers are pinned and the copies run ``non_blocking`` on a side
-stream; :meth:`Staged.wait_ready` (called by the writer thread, never the training thread) waits for them.
+stream; :meth:`Staged.wait_ready` (called by the writer thread, never the training thread) waits for them, and
+makes the deferred CPU copies of overlap mode that the training thread has not needed yet.
 
-This module neither touches files nor starts threads.
+This module touches no files. The only threads it starts end with their work: copy helpers joined inside the
+call that started them, and the thread that issues the deferred CUDA copies of overlap mode.
 """
 
 from __future__ import annotations
@@ -336,15 +338,19 @@ class Staged:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def wait_ready(self) -> None:
-        """Block until asynchronous device copies into the buffers have finished (writer thread only)."""
+        """Block until every copy into the buffers has finished; make a deferred CPU copy nobody made yet.
+
+        Called by the writer thread before it serializes, never by the training thread.
+        """
         if self._ready is not None:
             self._ready()
 
     def guard(self) -> None:
         """Order a write of a deferred source tensor after its copy (training thread, overlap mode).
 
-        On CPU this waits for the background copy; on CUDA it makes the current stream wait on the copy's event,
-        without a CPU synchronization. A no-op when nothing was deferred or the copy already finished.
+        On CPU this makes the copy if the writer thread has not made it yet (or waits for it to finish); on CUDA
+        it makes the current stream wait on the copy's event, without a CPU synchronization. A no-op when nothing
+        was deferred or the copy already finished.
         """
         if self._guard is not None:
             self._guard()
@@ -509,9 +515,10 @@ class Stager:
                 (same storages, shapes and version counters), return it again instead of copying. Requiring the
                 same step matters: in-place writes through ``.data`` do not bump version counters.
             defer: per tensor, whether its copy may finish after this call returns (overlap mode). A storage is
-                deferred only if every tensor on it is. Deferred copies run on a named background thread (CPU)
-                or on the side stream without holding back the compute stream (CUDA); the caller must make
-                every writer of those tensors wait for :meth:`Staged.guard` first.
+                deferred only if every tensor on it is. Deferred CPU copies run in the first of
+                :meth:`Staged.wait_ready` (the writer thread) and :meth:`Staged.guard`; deferred CUDA copies are
+                issued by a background thread on the side stream without holding back the compute stream. The
+                caller must make every writer of those tensors wait for :meth:`Staged.guard` first.
 
         Returns:
             The staged copy (the caller owns one reference), or ``None`` when ``block`` is false and no buffer
@@ -623,9 +630,11 @@ class Stager:
                 _parallel_memmove(host_now, torch.get_num_threads())
         host_late = [c.span() for c in on_cpu if c.late]
         if host_late:
-            copier = _Background("async_ckpt-stage", lambda: _memmove_all(host_late))
-            waits.append(copier.wait)
-            guards.append(copier.wait)
+            # No thread of its own (starting one cost the training thread 0.5-3 ms): the writer thread copies
+            # just before it serializes, or the optimizer's step pre-hook does, whichever comes first.
+            once = _Once(lambda: _memmove_all(host_late))
+            waits.append(once.run)
+            guards.append(once.run)
 
         def run_all(fns: list[Callable[[], None]]) -> Callable[[], None] | None:
             if not fns:
@@ -796,6 +805,26 @@ def _parallel_memmove(spans: list[tuple[int, int, int]], threads: int) -> None:
     finally:
         for t in helpers:
             t.join()
+
+
+class _Once:
+    """Runs ``fn`` on the first thread that calls :meth:`run`; later callers wait for it and share its outcome."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+            if fn is not None:
+                try:
+                    fn()
+                except BaseException as exc:
+                    self._error = exc
+            if self._error is not None:
+                raise self._error
 
 
 class _Background:

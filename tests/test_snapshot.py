@@ -202,6 +202,28 @@ def test_deferred_copy_is_ordered_before_guarded_writes() -> None:
     staged.release()
 
 
+def test_deferred_cpu_copy_is_made_by_the_first_of_writer_and_guard() -> None:
+    """On CPU no thread is started for the deferred copy: the writer thread makes it (wait_ready), and the
+    training thread's guard then only waits; if the guard comes first, it makes the copy itself."""
+    for writer_first in (True, False):
+        stager = Stager(max_pending=1)
+        src = [torch.randn(1 << 16) for _ in range(4)]
+        expected = [t.clone() for t in src]
+        staged = stager.stage(src, defer=[True] * len(src))
+        assert staged is not None and staged.deferred
+        assert "async_ckpt-stage" not in {t.name for t in threading.enumerate()}
+        if writer_first:
+            writer = threading.Thread(target=staged.wait_ready, name="fake-writer")
+            writer.start()
+            writer.join()
+        staged.guard()
+        for t in src:
+            t.add_(1)  # after the guard: must not reach the copy
+        staged.wait_ready()
+        assert all(torch.equal(v, e) for v, e in zip(staged.views, expected, strict=True))
+        staged.release()
+
+
 def test_mixed_deferral_copies_shared_storage_eagerly() -> None:
     """A storage is deferred only if every tensor on it is; eager ones are copied before stage() returns."""
     stager = Stager(max_pending=1)

@@ -1051,7 +1051,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
-        "--quick", dest="mode", action="store_const", const="quick", help="about three minutes on two cores (default)"
+        "--quick", dest="mode", action="store_const", const="quick", help="three to five minutes on two cores (default)"
     )
     mode.add_argument("--full", dest="mode", action="store_const", const="full", help="64 MiB, 512 MiB and 2 GiB")
     p.set_defaults(mode="quick")

@@ -224,6 +224,20 @@ def test_deferred_cpu_copy_is_made_by_the_first_of_writer_and_guard() -> None:
         staged.release()
 
 
+def test_deferred_cpu_copy_keeps_its_sources_alive() -> None:
+    """A deferred source whose last reference the caller drops (an optimizer state replaced before the copy ran)
+    is still copied from its own memory: the pending copy holds the storage, not just its address."""
+    stager = Stager(max_pending=1)
+    src = [torch.randn(1 << 22) for _ in range(4)]  # 16 MiB each: freed memory goes straight back to the OS
+    expected = [t.clone() for t in src]
+    staged = stager.stage(src, defer=[True] * len(src))
+    assert staged is not None and staged.deferred
+    del src
+    staged.wait_ready()
+    assert all(torch.equal(v, e) for v, e in zip(staged.views, expected, strict=True))
+    staged.release()
+
+
 def test_mixed_deferral_copies_shared_storage_eagerly() -> None:
     """A storage is deferred only if every tensor on it is; eager ones are copied before stage() returns."""
     stager = Stager(max_pending=1)

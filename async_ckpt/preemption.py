@@ -125,7 +125,7 @@ class PreemptionGuard:
             self._hand_on()
             return
         if self._installed:
-            signal.signal(self.signum, self._previous)
+            signal.signal(self.signum, _restorable(self.signum, self._previous))
             self._installed = False
 
     def _hand_on(self) -> None:
@@ -137,3 +137,20 @@ class PreemptionGuard:
             previous(int(self.signum), None)
             return
         os.kill(os.getpid(), self.signum)  # SIG_DFL (or None): the default action, as without us
+
+
+def _restorable(signum: signal.Signals, previous: _Handler) -> _Handler:
+    """The handler to put back: ``previous``, or ``SIG_DFL`` for one that Python cannot reinstall.
+
+    ``signal.signal`` returns ``None`` when the handler it replaced was installed outside Python (by C code, e.g.
+    ``faulthandler`` or an embedding application); it cannot be passed back to ``signal.signal``. Its nearest
+    equivalent that Python can install is the default action, which is also what ``_hand_on`` then triggers.
+    """
+    if previous is not None:
+        return previous
+    logger.warning(
+        "async_ckpt: the %s handler in place before the saver was installed outside Python and cannot be put back; "
+        "restoring the default action (SIG_DFL) instead",
+        signum.name,
+    )
+    return signal.SIG_DFL

@@ -9,6 +9,9 @@ Usage: ``python _preempt_worker.py MODE DIR`` with MODE one of
     runs (``previous {...}``) and raises ``SystemExit(3)``.
 ``usr1-ignored``
     ``preempt_signal=SIGUSR1`` over ``SIG_IGN``.
+``abrt-foreign``
+    ``preempt_signal=SIGABRT`` over a handler installed outside Python: the parent starts the child with
+    ``PYTHONFAULTHANDLER=1``, so faulthandler's C handler holds SIGABRT and ``signal.getsignal`` reports ``None``.
 ``term-last-epoch``
     ``preempt_signal=SIGTERM``; every ``EPOCH_COMPLETED`` (a validation, say) is a gate ``epoch E``, so the parent
     can signal after the last iteration has completed.
@@ -93,6 +96,10 @@ def main(mode: str, save_dir: str) -> int:
     elif mode == "usr1-ignored":
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signum = signal.SIGUSR1
+    elif mode == "abrt-foreign":
+        if signal.getsignal(signal.SIGABRT) is not None:
+            raise SystemExit("abrt-foreign needs PYTHONFAULTHANDLER=1 (a SIGABRT handler installed outside Python)")
+        signum = signal.SIGABRT
     elif mode in ("term", "term-last-epoch", "term-after-run"):
         signum = signal.SIGTERM
     else:

@@ -63,7 +63,9 @@ def is_gate(line: str) -> bool:
     return line.startswith(("step ", "epoch ")) or line == "ran"
 
 
-def drive(mode: str, save_dir: Path, signum: int, trigger: str = f"step {SIGNAL_AT_STEP}") -> Child:
+def drive(
+    mode: str, save_dir: Path, signum: int, trigger: str = f"step {SIGNAL_AT_STEP}", env: dict[str, str] | None = None
+) -> Child:
     """Run the worker in ``mode``, answer every gate, and send ``signum`` while the child waits at gate ``trigger``."""
     stderr_path = save_dir.parent / f"{mode}.stderr"
     timed_out = threading.Event()
@@ -75,6 +77,7 @@ def drive(mode: str, save_dir: Path, signum: int, trigger: str = f"step {SIGNAL_
             stderr=err,
             text=True,
             bufsize=1,
+            env={**os.environ, **(env or {})},
         )
 
     def _kill() -> None:
@@ -119,7 +122,10 @@ SCENARIOS: dict[str, tuple[int, str]] = {
     "usr1-ignored": (signal.SIGUSR1, f"step {SIGNAL_AT_STEP}"),
     "term-last-epoch": (signal.SIGTERM, "epoch 4"),
     "term-after-run": (signal.SIGTERM, "ran"),
+    "abrt-foreign": (signal.SIGABRT, f"step {SIGNAL_AT_STEP}"),
 }
+# faulthandler installs its C handlers before Python's signal table is filled, which then says None for them.
+ENV: dict[str, dict[str, str]] = {"abrt-foreign": {"PYTHONFAULTHANDLER": "1"}}
 Children = dict[str, "Future[tuple[Path, Child]]"]
 
 
@@ -132,7 +138,7 @@ def children(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Children]:
         signum, trigger = SCENARIOS[mode]
         (base / mode).mkdir()
         save_dir = base / mode / "ckpt"
-        return save_dir, drive(mode, save_dir, signum, trigger)
+        return save_dir, drive(mode, save_dir, signum, trigger, ENV.get(mode))
 
     with ThreadPoolExecutor(max_workers=min(len(SCENARIOS), max(2, os.cpu_count() or 2))) as pool:
         yield {mode: pool.submit(scenario, mode) for mode in SCENARIOS}
@@ -204,6 +210,17 @@ def test_sigusr1_over_sig_ign_saves_and_training_continues(children: Children) -
     # At COMPLETED the final checkpoint replaces the preemption one, as MONAI replaces an earlier final file.
     assert_final_checkpoint(save_dir, TOTAL_ITERATIONS, child.done[TOTAL_ITERATIONS])
     assert sorted(read_manifest(str(save_dir))["files"]) == [f"checkpoint_final_iteration={TOTAL_ITERATIONS}.pt"]
+
+
+def test_signal_over_a_handler_installed_outside_python_gets_the_default_action(children: Children) -> None:
+    """A previous handler Python reports as ``None`` (installed in C) is replaced by ``SIG_DFL`` when handing on."""
+    save_dir, child = children["abrt-foreign"].result()
+    assert not child.timed_out, child.stderr
+    assert child.returncode == -signal.SIGABRT, (child.returncode, child.stderr)
+    assert "installed outside Python and cannot be put back" in child.stderr
+    assert max(child.done) == SIGNAL_AT_STEP
+    assert "exit 0" not in child.lines
+    assert_final_checkpoint(save_dir, SIGNAL_AT_STEP, child.done[SIGNAL_AT_STEP])
 
 
 def test_sigterm_after_the_last_iteration_still_ends_the_process(children: Children) -> None:

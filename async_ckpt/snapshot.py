@@ -165,6 +165,7 @@ class _Plan:
     storages: list[torch.UntypedStorage]  # each distinct source storage
     holders: list[torch.Tensor]  # a tensor on each storage (keeps it alive; its device; record_stream)
     owner: list[int]  # tensor index -> storage index, or -1 for a tensor cloned as a whole
+    first: list[int]  # storage index -> index of the first tensor on it (named in error messages)
     layout: tuple[tuple[int, str], ...]  # (nbytes, source device) per storage
 
     @property
@@ -179,7 +180,8 @@ def _plan(tensors: Sequence[torch.Tensor]) -> _Plan:
     index: dict[tuple[int, int, torch.device], int] = {}
     names: dict[torch.device, str] = {}
     owner: list[int] = []
-    for t in tensors:
+    first: list[int] = []
+    for i, t in enumerate(tensors):
         if not _is_plain_strided(t):
             owner.append(-1)
             continue
@@ -192,12 +194,13 @@ def _plan(tensors: Sequence[torch.Tensor]) -> _Plan:
             o = index[key] = len(storages)
             storages.append(st)
             holders.append(t)
+            first.append(i)
             name = names.get(device)
             if name is None:
                 name = names[device] = str(device)
             sizes.append((n, name))
         owner.append(o)
-    return _Plan(storages, holders, owner, tuple(sizes))
+    return _Plan(storages, holders, owner, first, tuple(sizes))
 
 
 # Host buffers that hold copies of device storages, by address, with the device they came from. torch.save asks
@@ -536,8 +539,10 @@ class Stager:
         t0 = time.perf_counter()
         try:
             copies = [
-                _Copy(st, holder, buf, flag)
-                for st, holder, buf, flag in zip(plan.storages, plan.holders, bufset.list, late, strict=True)
+                _Copy(st, holder, buf, flag, index, n)
+                for st, holder, buf, flag, index, (n, _) in zip(
+                    plan.storages, plan.holders, bufset.list, late, plan.first, plan.layout, strict=True
+                )
             ]
             ready, guard = self._copy(copies, bufset)
             views = self._cached_views(bufset, tensors, plan, bufset.list)
@@ -619,7 +624,7 @@ class Stager:
             # holds the _Copy objects, so the source storages stay alive until it has run.
             once = _Once(functools.partial(_memmove_copies, host_late))
             waits.append(once.run)
-            guards.append(once.run)
+            guards.append(once.run_quietly)  # a failure is the writer's to report, for that save only
 
         def run_all(fns: list[Callable[[], None]]) -> Callable[[], None] | None:
             if not fns:
@@ -702,18 +707,40 @@ class _Copy:
     holder: torch.Tensor  # a tensor viewing ``storage``
     buffer: torch.Tensor  # uint8 host buffer of the storage's byte size
     late: bool  # deferred (overlap mode)
+    index: int  # the first tensor on ``storage``, in the order given to ``stage``
+    nbytes: int  # the storage's byte size at the event: the size of ``buffer``
 
     def source(self) -> torch.Tensor:
         """The source storage as a byte tensor."""
         return torch.empty(0, dtype=torch.uint8, device=self.holder.device).set_(self.storage)
 
     def span(self) -> tuple[int, int, int]:
-        """(destination address, source address, bytes) for a host-to-host memmove."""
-        return self.buffer.data_ptr(), self.storage.data_ptr(), self.storage.nbytes()
+        """(destination address, source address, bytes) for a host-to-host memmove.
+
+        Raises:
+            SnapshotError: the storage was resized in place since the event (a deferred copy): its memory was
+                replaced, so the values at the event are gone, and copying its new size would overrun the buffer.
+        """
+        self.check()
+        return self.buffer.data_ptr(), self.storage.data_ptr(), self.nbytes
+
+    def check(self) -> None:
+        """Raise ``SnapshotError`` if the storage was resized in place since the event (see :meth:`span`)."""
+        now = self.storage.nbytes()
+        if now != self.nbytes:
+            raise SnapshotError(
+                f"cannot copy the state: the storage of tensor {self.index} ({self.holder.dtype}) was resized in "
+                f"place from {self.nbytes} to {now} bytes after the checkpoint event and before its deferred copy "
+                "(snapshot_mode='overlap') ran, so its values at the event are gone. Do not resize tensors of the "
+                "saved state (resize_, set_) between a checkpoint event and the next optimizer step, or use "
+                "snapshot_mode='eager'."
+            )
 
 
 def _issue_d2h(copies: list[_Copy], stream: Any) -> torch.cuda.Event:
     """Queue ``copies`` on ``stream`` (the current stream), protect their sources, return the done event."""
+    for c in copies:
+        c.check()
     for c in copies:
         src = c.source()
         c.buffer.copy_(src, non_blocking=True)
@@ -759,7 +786,7 @@ def _memmove_all(spans: list[tuple[int, int, int]]) -> None:
 
 
 def _memmove_copies(copies: list[_Copy]) -> None:
-    _memmove_all([c.span() for c in copies])
+    _memmove_all([c.span() for c in copies])  # every size is checked before any byte moves
 
 
 def _parallel_memmove(spans: list[tuple[int, int, int]], threads: int) -> None:
@@ -814,6 +841,11 @@ class _Once:
                     self._error = exc
             if self._error is not None:
                 raise self._error
+
+    def run_quietly(self) -> None:
+        """Like :meth:`run`, but keep a failure for the callers of :meth:`run` instead of raising it."""
+        with contextlib.suppress(Exception):
+            self.run()
 
 
 class _Background:

@@ -296,3 +296,23 @@ def test_prewarm_allocates_up_front_within_the_bound() -> None:
     assert torch.equal(b.views[0], src[0])
     a.release()
     b.release()
+
+
+def test_deferred_copy_of_a_storage_resized_in_place_fails_without_overrunning() -> None:
+    """A deferred source whose storage was resized in place before its copy ran fails that save with a
+    SnapshotError naming the storage, and never writes past its slice into a neighbouring buffer."""
+    from async_ckpt import SnapshotError
+
+    stager = Stager(max_pending=1)
+    grown = torch.zeros(1024)  # 4 KiB: its slice ends where the next buffer starts
+    neighbour = torch.arange(4096, dtype=torch.float32)
+    staged = stager.stage([grown, neighbour], defer=[True, False])
+    assert staged is not None and staged.deferred
+    grown.resize_(4 * 1024)  # in place: same storage object, four times the bytes, new memory
+    grown.fill_(7.0)
+    staged.guard()  # the training thread's step pre-hook must not raise: the writer reports the save
+    with pytest.raises(SnapshotError, match="resized") as info:
+        staged.wait_ready()
+    assert "tensor 0" in str(info.value) and "eager" in str(info.value)
+    assert torch.equal(staged.views[1], torch.arange(4096, dtype=torch.float32))
+    staged.release()

@@ -3,7 +3,7 @@
 ``torch.save`` computes the CRC-32 of each record and then writes it, one after the other on one thread; for large
 states that serial CRC is a third of the time to a fast disk. Where the file is a real file this module writes the
 same zip with torch's own writer (same records, same alignment, same pickle) but with its CRC turned off, computes
-each record's CRC-32 on helper threads while the bytes go to the file, and patches the CRCs into the local and
+each record's CRC-32 on a helper thread while the bytes go to the file, and patches the CRCs into the local and
 central headers before the caller's ``fsync``. The result is the file ``torch.save`` would have written, CRCs
 included (``zipfile.testzip`` and :func:`async_ckpt.integrity.verify` check them). Elsewhere, or with a torch
 whose writer does not take these options, it is plain ``torch.save``.
@@ -21,19 +21,19 @@ import struct
 import threading
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import torch
 
 __all__ = ["serialize"]
 
-_PIECE = 8 << 20  # CRC work unit: large writes are split into pieces of this size, one per helper task
+_PIECE = 8 << 20  # CRC work unit: large writes are split into pieces of this size, shared by the threads
 _READ = 16 << 20  # fallback CRC reads
 # One CRC helper: with the writer thread taking pieces too, CRCs run at about twice zlib's single-thread speed
 # (1.9 GiB/s measured here), above most disks. More helpers compete with training for cores: on a 16-core machine
 # training on 15 threads, with four helpers the steps after each checkpoint ran 40-80 ms slower.
 _CRC_HELPERS = 1
+CRC_THREAD_NAME = "async_ckpt-crc"
 
 
 def serialize(obj: Any, f: BinaryIO) -> None:
@@ -55,18 +55,16 @@ def serialize(obj: Any, f: BinaryIO) -> None:
         torch.save(obj, f)
         return
     tap.helpers = _CRC_HELPERS
-    with ThreadPoolExecutor(tap.helpers, thread_name_prefix="async_ckpt-crc") as pool:
-        tap.pool = pool
-        save = torch.serialization._save
-        try:
-            save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)  # type: ignore[no-untyped-call]
-        except BaseException:
-            # Finish the writer now, as torch.save does: left to the garbage collector, it would write its end
-            # records into a file that is closed by then, and an error raised in a C++ destructor aborts.
-            with contextlib.suppress(Exception):
-                writer.write_end_of_file()
-            raise
-        writer.write_end_of_file()
+    save = torch.serialization._save
+    try:
+        save(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)  # type: ignore[no-untyped-call]
+    except BaseException:
+        # Finish the writer now, as torch.save does: left to the garbage collector, it would write its end
+        # records into a file that is closed by then, and an error raised in a C++ destructor aborts.
+        with contextlib.suppress(Exception):
+            writer.write_end_of_file()
+        raise
+    writer.write_end_of_file()
     f.flush()
     _patch_crcs(fd, tap.crcs, tap.offset)
 
@@ -108,35 +106,39 @@ def _writer_without_crc(sink: Any) -> Any:
 class _CrcTap:
     """The file object torch's zip writer writes to: passes every write on, and logs the CRC-32 of each one.
 
-    Writes of at least two pieces are split into pieces whose CRCs helper threads compute while this thread
+    Writes of at least two pieces are split into pieces whose CRCs ``helpers`` threads compute while this thread
     writes the bytes (both release the GIL), then combined. Every write waits for its CRCs before it returns,
     because the memory torch hands over is only valid during the call.
+
+    The helpers are plain threads (``async_ckpt-crc``) started for one large write and joined before it returns,
+    not an executor: ``concurrent.futures`` refuses new work once interpreter shutdown has begun, which is before
+    the ``atexit`` drain of :mod:`async_ckpt.writer` writes the checkpoints still queued. A thread start costs
+    tens of microseconds, nothing beside a write of 16 MiB or more.
     """
 
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
-        self.pool: ThreadPoolExecutor | None = None
-        self.helpers = 0  # threads in ``pool``
+        self.helpers = 0  # helper threads per large write (0: this thread computes every CRC)
         self.offset = 0
         self.crcs: dict[tuple[int, int], int] = {}  # (file offset, length) of each write -> its CRC-32
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         n = view.nbytes
-        if n >= 2 * _PIECE and self.pool is not None:
+        if n >= 2 * _PIECE and self.helpers:
             first = n % _PIECE or _PIECE  # every later piece is exactly _PIECE long: one combine operator for all
             bounds = [0, *range(first, n + 1, _PIECE)]
             pieces = _Pieces([view[a:b] for a, b in itertools.pairwise(bounds)])
-            helpers = [self.pool.submit(pieces.work) for _ in range(self.helpers)]
+            helpers = [threading.Thread(target=pieces.work, name=CRC_THREAD_NAME) for _ in range(self.helpers)]
+            for t in helpers:
+                t.start()
             try:
                 self._f.write(view)
             finally:
                 pieces.work()  # then help with what is left
-                for fut in helpers:
-                    fut.result()
-            crc = pieces.crcs[0]
-            for piece in pieces.crcs[1:]:
-                crc = _combine_piece(crc) ^ piece
+                for t in helpers:
+                    t.join()
+            crc = pieces.result()
         else:
             crc = zlib.crc32(view)
             self._f.write(view)
@@ -149,13 +151,17 @@ class _CrcTap:
 
 
 class _Pieces:
-    """CRC-32 work shared by several threads: each takes the next piece until none is left."""
+    """CRC-32 work shared by several threads: each takes the next piece until none is left.
+
+    A piece whose CRC could not be computed is never taken as 0: the error is kept and :meth:`result` raises it.
+    """
 
     def __init__(self, views: list[memoryview]) -> None:
         self._views = views
         self.crcs = [0] * len(views)
         self._next = 0
         self._lock = threading.Lock()
+        self._error: BaseException | None = None
 
     def work(self) -> None:
         while True:
@@ -164,7 +170,21 @@ class _Pieces:
                 self._next += 1
             if i >= len(self._views):
                 return
-            self.crcs[i] = zlib.crc32(self._views[i])
+            try:
+                self.crcs[i] = zlib.crc32(self._views[i])
+            except BaseException as exc:  # in a helper thread nobody would see it: hand it to result()
+                with self._lock:
+                    self._error = self._error or exc
+                return
+
+    def result(self) -> int:
+        """The CRC-32 of all pieces together (call once every thread's ``work`` has returned)."""
+        if self._error is not None:
+            raise RuntimeError("computing a checkpoint record's CRC-32 failed") from self._error
+        crc = self.crcs[0]
+        for piece in self.crcs[1:]:
+            crc = _combine_piece(crc) ^ piece
+        return crc
 
 
 # CRC-32 combination (as zlib's crc32_combine): crc(A + B) = Z(crc(A)) ^ crc(B), where Z is the linear map "feed

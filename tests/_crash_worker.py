@@ -15,10 +15,15 @@ Usage: ``python _crash_worker.py MODE DIR [ARGS...]`` with MODE one of
     Train until an injected failure with ``save_final=True`` and let the exception end the process.
 ``fork DIR``
     Fork while a checkpoint is queued; the child exits normally; print how long the child took to exit.
+``exit-large DIR EXPECTED``
+    A model with one 40 MiB tensor (above every size threshold of the writer), a checkpoint queued and held until
+    the interpreter has begun to exit, then ``sys.exit(0)`` from an event handler without ``close()``; the state
+    is also written with ``torch.save`` to EXPECTED for comparison.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -220,6 +225,26 @@ def fork(dirname: str) -> None:
     print(json.dumps({"child_exit_s": child_s, "child_status": status}), flush=True)
 
 
+def exit_large(dirname: str, expected: str) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2560, 4096, bias=False)  # 40 MiB: above the CRC piece split (16 MiB) and write-behind
+    torch.save(net.state_dict(), expected)
+    engine = Engine(lambda e, b: None)
+    storage = GatedStorage()
+    storage.fsync = True  # the real commit protocol, write-behind included
+    saver = AsyncCheckpointSaver(dirname, {"net": net}, epoch_level=False, save_interval=1, storage=storage)
+    saver.attach(engine)
+    # atexit runs hooks last-registered first: this one opens the gate before async_ckpt's drain waits for the write,
+    # so the whole write happens after interpreter shutdown has begun.
+    atexit.register(storage.open_all)
+
+    @engine.on(Events.ITERATION_COMPLETED)
+    def _leave(e: Engine) -> None:  # after the saver's handler queued the checkpoint
+        sys.exit(0)  # SystemExit is not an Exception: ignite fires no EXCEPTION_RAISED, nothing calls close()
+
+    engine.run([0], max_epochs=1)
+
+
 if __name__ == "__main__":
     mode, directory = sys.argv[1], sys.argv[2]
     if mode == "crash":
@@ -231,5 +256,7 @@ if __name__ == "__main__":
         exit_raise(directory)
     elif mode == "fork":
         fork(directory)
+    elif mode == "exit-large":
+        exit_large(directory, sys.argv[3])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

@@ -34,10 +34,10 @@ PROCESS_TIMEOUT = 120
 INTERVAL = re.compile(r"^checkpoint_iteration=(\d+)\.pt$")
 
 
-def _run_worker(mode: str, directory: Path) -> subprocess.CompletedProcess[str]:
+def _run_worker(mode: str, directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return subprocess.run(
-        [sys.executable, str(WORKER), mode, str(directory)],
+        [sys.executable, str(WORKER), mode, str(directory), *args],
         capture_output=True,
         text=True,
         timeout=PROCESS_TIMEOUT,
@@ -79,6 +79,22 @@ def test_training_exception_with_save_final_exits_nonzero_with_final_checkpoint(
     for name in _names(tmp_path):
         if m := INTERVAL.match(name):
             _assert_holds_iteration(tmp_path / name, int(m.group(1)))
+
+
+def test_exit_drain_writes_records_above_every_size_threshold(tmp_path: Path) -> None:
+    """A 40 MiB record (above the CRC piece split and the write-behind step) queued when a handler calls sys.exit(0)
+    without close() is written completely by the exit drain, started after interpreter shutdown began."""
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    proc = _run_worker("exit-large", directory, str(tmp_path / "expected.pt"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "at interpreter exit" not in proc.stderr and "NOT written" not in proc.stderr, proc.stderr[-3000:]
+    assert _temps(directory) == []
+    assert _names(directory) == ["net_iteration=1.pt"]
+    got = _load(directory / "net_iteration=1.pt")
+    expected = _load(tmp_path / "expected.pt")
+    assert got.keys() == expected.keys()  # one object in save_dict: ignite saves its state_dict unwrapped
+    assert torch.equal(got["weight"], expected["weight"])
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -7,7 +7,6 @@ import io
 import os
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +79,8 @@ def test_piecewise_crc_equals_zlib(n: int) -> None:
     sink = io.BytesIO()
     tap = serialize_mod._CrcTap(sink)  # type: ignore[arg-type]
     tap.helpers = 2
-    with ThreadPoolExecutor(2) as pool:
-        tap.pool = pool
-        tap.write(b"head")
-        tap.write(data)
+    tap.write(b"head")
+    tap.write(data)
     assert tap.crcs == {(0, 4): zlib.crc32(b"head"), (4, n): zlib.crc32(data)}
     assert sink.getvalue() == b"head" + data
 

@@ -32,7 +32,7 @@ from async_ckpt.storage import FileStorage
 from async_ckpt.telemetry import SaveStats, Telemetry
 from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient, set_exit_timeout
 
-__all__ = ["AsyncSaveHandler", "SavePipeline"]
+__all__ = ["AsyncSaveHandler", "SavePipeline", "attach_failure"]
 
 
 @dataclass
@@ -263,6 +263,24 @@ def failure_to_error(failure: Failure, more: int) -> CheckpointWriteError:
     )
     err.__cause__ = failure.error
     return err
+
+
+def attach_failure(exc: BaseException, failure: BaseException, log: logging.Logger) -> None:
+    """Attach ``failure`` (a checkpoint failure) to ``exc``, the exception that is ending training, and log it.
+
+    ``exc`` stays the exception that propagates: it says why training stopped. ``failure`` cannot be chained to it
+    (``exc`` was raised already), so it becomes a note on ``exc`` where Python has notes (3.11+); it is always logged
+    at ERROR with its traceback and cause, which is where it can be read on Python 3.10.
+    """
+    log.error(
+        "async_ckpt: a checkpoint failed while %s was ending training: %s",
+        type(exc).__name__,
+        failure,
+        exc_info=(type(failure), failure, failure.__traceback__),
+    )
+    add_note = getattr(exc, "add_note", None)
+    if callable(add_note):
+        add_note(f"async_ckpt: a checkpoint also failed while this exception was ending training: {failure!r}")
 
 
 class AsyncSaveHandler(DiskSaver):

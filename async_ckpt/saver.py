@@ -17,6 +17,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
@@ -27,7 +28,7 @@ from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.preemption import PreemptionGuard, outermost_running_engine
 from async_ckpt.resume import remove_stale_temp_files, saved_items
-from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, failure_to_error
+from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, attach_failure, failure_to_error
 from async_ckpt.storage import FileStorage
 
 if TYPE_CHECKING:
@@ -333,13 +334,21 @@ class AsyncCheckpointSaver:
         self.logger.info(f"Train completed, saved final checkpoint: {self._final_path()}")
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
-        """``EXCEPTION_RAISED``: write the final checkpoint, wait until it is durable, then re-raise ``e``."""
+        """``EXCEPTION_RAISED``: write the final checkpoint, wait until it is durable, then re-raise ``e``.
+
+        ``e`` is what leaves ``engine.run`` even if this or an earlier checkpoint failed: the failure is attached
+        to it (a note on Python 3.11+) and logged at ERROR, never raised in its place.
+        """
         if not callable(self._final_checkpoint):
             raise AssertionError("Error: _final_checkpoint function not specified.")
-        self._delete_previous_final_ckpt()
-        self._save(self._final_checkpoint, engine)
-        self.wait()
-        self.logger.info(f"Exception raised, saved the last checkpoint: {self._final_path()}")
+        try:
+            self._delete_previous_final_ckpt()
+            self._save(self._final_checkpoint, engine)
+            self.wait()
+        except Exception as failure:
+            attach_failure(e, failure, self.logger)
+        else:
+            self.logger.info(f"Exception raised, saved the last checkpoint: {self._final_path()}")
         raise e
 
     def metrics_completed(self, engine: Engine) -> None:
@@ -407,8 +416,17 @@ class AsyncCheckpointSaver:
     def __enter__(self) -> AsyncCheckpointSaver:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close; an exception leaving the ``with`` block stays the one raised (a write failure is attached)."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception as failure:
+            attach_failure(exc, failure, self.logger)
 
     def raise_pending(self, *, sync: bool = False) -> None:
         """Raise the first background failure not reported yet (and forget the rest of them).

@@ -204,10 +204,17 @@ def _plan(tensors: Sequence[torch.Tensor]) -> _Plan:
 
 
 # Host buffers that hold copies of device storages, by address, with the device they came from. torch.save asks
-# the highest-priority "tagger" for each storage's location; ours answers for these buffers only, so a file
-# written from a GPU state records "cuda:N" like torch.save of the original state (and MONAI's files) does, and
-# torch.load restores it where it would have restored the original.
+# its registered "taggers" for each storage's location, in priority order; ours answers for these buffers only, so
+# a file written from a GPU state records "cuda:N" like torch.save of the original state (and MONAI's files) does,
+# and torch.load restores it where it would have restored the original. For every other storage it answers None.
 _DEVICE_OF_BUFFER: dict[tuple[int, int], str] = {}
+
+# torch runs taggers in ascending priority (its own use 10-26; ours must precede "cpu" at 10), and sorts the
+# registry as tuples, so two taggers at one priority make the sort compare functions and raise. An unusual negative
+# priority keeps ours away from the 0-9 that other libraries pick; it is registered on first use, not at import.
+_TAGGER_PRIORITY = -7919
+_tagger_lock = threading.Lock()
+_tagger_registered = False
 
 
 def _tag_staged_storage(storage: Any) -> str | None:
@@ -224,7 +231,27 @@ def _no_restore(storage: Any, location: str) -> None:
     return None  # restoring is left to torch's own deserializers
 
 
-torch.serialization.register_package(0, _tag_staged_storage, _no_restore)
+def _register_tagger() -> None:
+    """Register the tagger with ``torch.serialization`` once, at a priority no registered tagger uses."""
+    global _tagger_registered
+    with _tagger_lock:
+        if _tagger_registered:
+            return
+        # Read-only look at torch's registry, only to avoid a priority someone already took.
+        taken = {entry[0] for entry in getattr(torch.serialization, "_package_registry", ())}
+        priority = _TAGGER_PRIORITY
+        while priority in taken:
+            priority -= 1
+        torch.serialization.register_package(priority, _tag_staged_storage, _no_restore)
+        _tagger_registered = True
+
+
+def _tag(buffer: torch.Tensor, device: str) -> tuple[int, int]:
+    """Make ``torch.save`` record ``buffer``'s storage as being on ``device``; returns the key for :func:`_untag`."""
+    _register_tagger()
+    key = (buffer.data_ptr(), buffer.untyped_storage().nbytes())
+    _DEVICE_OF_BUFFER[key] = device
+    return key
 
 
 def _untag(keys: list[tuple[int, int]]) -> None:
@@ -297,9 +324,7 @@ class _BufferSet:
         tagged = []
         for i, (n, device) in enumerate(layout):
             if device != "cpu" and n:
-                key = (self.list[i].data_ptr(), n)
-                _DEVICE_OF_BUFFER[key] = device
-                tagged.append(key)
+                tagged.append(_tag(self.list[i], device))
         if tagged:
             weakref.finalize(self, _untag, tagged)
 

@@ -258,22 +258,21 @@ def test_copies_of_device_storage_keep_their_device_tag() -> None:
     staged = stager.stage([x])
     assert staged is not None
     buf = staged.views[0]
-    key = (buf.untyped_storage().data_ptr(), buf.untyped_storage().nbytes())
+    key = snapshot._tag(buf, "cuda:3")  # what a buffer set for a GPU layout does
     seen: list[str] = []
 
     def record(storage: object, location: str) -> object:
         seen.append(location)
         return storage
 
-    snapshot._DEVICE_OF_BUFFER[key] = "cuda:3"  # what a buffer set for a GPU layout registers
     try:
         data = io.BytesIO()
-        torch.save({"x": buf}, data)
+        torch.save({"x": buf, "other": x}, data)
     finally:
-        del snapshot._DEVICE_OF_BUFFER[key]
+        snapshot._untag([key])
     data.seek(0)
     loaded = torch.load(data, map_location=record, weights_only=True)
-    assert seen == ["cuda:3"] and torch.equal(loaded["x"], x)
+    assert seen == ["cuda:3", "cpu"] and torch.equal(loaded["x"], x)  # an unrelated storage is left alone
     plain = io.BytesIO()
     torch.save({"x": buf}, plain)
     plain.seek(0)
@@ -316,3 +315,40 @@ def test_deferred_copy_of_a_storage_resized_in_place_fails_without_overrunning()
     assert "tensor 0" in str(info.value) and "eager" in str(info.value)
     assert torch.equal(staged.views[1], torch.arange(4096, dtype=torch.float32))
     staged.release()
+
+
+_TAGGER_CLASH = """
+import io, sys, torch
+
+def other_tag(storage):
+    return None
+
+def other_restore(storage, location):
+    return None
+
+torch.serialization.register_package(0, other_tag, other_restore)  # a library imported before async_ckpt
+import async_ckpt
+from async_ckpt import snapshot
+
+buf = torch.arange(4.0)
+key = snapshot._tag(buf, "cuda:1")  # what staging a GPU state does
+for priority in range(-1, 10):  # libraries imported later, at the priorities one picks to precede "cpu"
+    torch.serialization.register_package(priority, other_tag, other_restore)
+seen = []
+data = io.BytesIO()
+torch.save({"staged": buf, "user": torch.ones(2)}, data)
+data.seek(0)
+torch.load(data, map_location=lambda s, loc: seen.append(loc) or s, weights_only=True)
+assert seen == ["cuda:1", "cpu"], seen
+print("ok")
+"""
+
+
+def test_location_tagger_coexists_with_other_libraries_taggers() -> None:
+    """Other libraries registering torch.serialization taggers at priority 0-9, before or after async_ckpt is
+    imported, neither fail nor break torch.save, and staged buffers still record their source device."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TAGGER_CLASH], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

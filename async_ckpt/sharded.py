@@ -40,16 +40,16 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import io
 import logging
 import math
 import numbers
 import os
 import re
-import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
@@ -61,7 +61,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
@@ -85,6 +85,7 @@ __all__ = [
     "DurableFileSystemWriter",
     "ModelOptimizerState",
     "ShardedCheckpointSaver",
+    "ShardedStorage",
     "is_complete",
     "latest_sharded_checkpoint",
     "load",
@@ -171,24 +172,208 @@ def _items(save_dict: Mapping[str, Any]) -> dict[str, Any]:
     return {key: _as_item(key, value) for key, value in save_dict.items()}
 
 
+# -- file system helpers ---------------------------------------------------------------------------------------------
+def _rename_exchange(a: str, b: str) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+# -- storage: every change to save_dir through one overridable method ----------------------------------------------
+class ShardedStorage(FileStorage):
+    """A :class:`~async_ckpt.storage.FileStorage` with the directory operations of the sharded saver.
+
+    Every file-system call by which the saver, and DCP's writer inside :class:`DurableFileSystemWriter`, changes
+    ``save_dir`` goes through one small overridable method: ``_replace``, ``_unlink``, ``_fsync_fd`` and
+    ``sync_dir`` (inherited), and ``_mkdir``, ``_rmdir``, ``_exchange``, ``_open_new`` and ``_file_written`` here.
+    Tests subclass it to record or fail them; a file system without ``renameat2(RENAME_EXCHANGE)`` is one whose
+    ``_exchange`` returns ``False``. Not thread-safe beyond what the file system gives: DCP's writer threads each
+    write their own files through it.
+    """
+
+    # -- overridable primitives --------------------------------------------------------------------------------
+    def _mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def _rmdir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def _exchange(self, a: str, b: str) -> bool:
+        """Swap two existing paths atomically; ``False`` where the file system cannot (then nothing changed)."""
+        return _rename_exchange(a, b)
+
+    def _open_new(self, path: str) -> io.FileIO:
+        """Create (or truncate) a file of a checkpoint directory for writing."""
+        return io.FileIO(path, "w")
+
+    def _file_written(self, path: str, fd: int, sync: bool) -> None:
+        """A file of a checkpoint directory is complete (flushed, not yet closed): fsync it with ``sync``."""
+        if sync:
+            self._fsync_fd(fd)
+
+    # -- operations --------------------------------------------------------------------------------------------
+    def remove_tree(self, path: str) -> None:
+        """Delete a directory tree, or a file; a path that is already gone is fine."""
+        if not os.path.isdir(path) or os.path.islink(path):
+            with contextlib.suppress(FileNotFoundError):
+                self._unlink(path)
+            return
+        for root, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):
+                    self._unlink(os.path.join(root, name))
+            for name in dirs:
+                child = os.path.join(root, name)
+                if os.path.islink(child):  # os.walk lists a link to a directory among the directories
+                    self._unlink(child)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._rmdir(child)
+        with contextlib.suppress(FileNotFoundError):
+            self._rmdir(path)
+
+    def publish_dir(self, tmp: str, final: str, aside: str) -> None:
+        """Rename the complete directory ``tmp`` onto ``final`` durably, replacing a directory already there.
+
+        Where the file system cannot swap two names atomically, the old ``final`` is first renamed to ``aside`` (a
+        temporary name), so for a moment neither name is ``final``.
+        """
+        if os.path.lexists(final):
+            if not self._exchange(tmp, final):
+                self._replace(final, aside)
+                self._replace(tmp, final)
+                tmp = aside
+            self.sync_dir(os.path.dirname(final))
+            self.remove_tree(tmp)  # the replaced checkpoint, now under a temporary name
+            return
+        self._replace(tmp, final)
+        self.sync_dir(os.path.dirname(final))
+
+    def remove_dir(self, path: str, aside: str) -> None:
+        """Delete the checkpoint directory ``path``: renamed to the temporary ``aside`` first (durably), so it is
+        never seen half-deleted under a checkpoint name. A ``path`` that is gone already is fine."""
+        try:
+            self._replace(path, aside)
+        except FileNotFoundError:
+            return
+        self.sync_dir(os.path.dirname(path))
+        self.remove_tree(aside)
+
+
+class _Delegating(ShardedStorage):
+    """A plain :class:`FileStorage` given as ``storage``: its primitives, and the defaults for the others."""
+
+    def __init__(self, inner: FileStorage) -> None:
+        super().__init__(fsync=inner.fsync)
+        self.inner = inner
+
+    def _fsync_fd(self, fd: int) -> None:
+        self.inner._fsync_fd(fd)
+
+    def _replace(self, src: str, dst: str) -> None:
+        self.inner._replace(src, dst)
+
+    def _unlink(self, path: str) -> None:
+        self.inner._unlink(path)
+
+    def sync_dir(self, directory: str) -> None:
+        self.inner.sync_dir(directory)
+
+
+def _sharded_storage(storage: FileStorage | None, fsync: bool) -> ShardedStorage:
+    if storage is None:
+        return ShardedStorage(fsync=fsync)
+    return storage if isinstance(storage, ShardedStorage) else _Delegating(storage)
+
+
 # -- durable DCP writer ----------------------------------------------------------------------------------------------
+class _DurableStream(io.BufferedWriter):
+    """A file of a checkpoint directory; on close it is flushed and handed to the storage (which fsyncs it)."""
+
+    def __init__(self, storage: ShardedStorage, path: str, sync: bool) -> None:
+        super().__init__(storage._open_new(path), buffer_size=1 << 20)
+        self._storage, self._path, self._sync = storage, path, sync
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+            self._storage._file_written(self._path, self.fileno(), self._sync)
+        finally:
+            super().close()
+
+
+class _StorageFileSystem(FileSystem):
+    """DCP's local file system, with every change made through a :class:`ShardedStorage`."""
+
+    def __init__(self, storage: ShardedStorage, sync: bool) -> None:
+        super().__init__()
+        self.storage, self.sync = storage, sync
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Generator[io.IOBase, None, None]:
+        if mode != "wb":  # reading: DCP's writer never does, but keep the base behaviour
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        stream = _DurableStream(self.storage, os.fspath(path), self.sync)
+        try:
+            yield stream
+        finally:
+            stream.close()  # DCP closes it itself; closing twice is a no-op
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        self.storage._replace(os.fspath(path), os.fspath(new_path))
+
+    def mkdir(self, path: str | os.PathLike[str]) -> None:
+        # Every rank asks for the (new) checkpoint directory: one of them creates it.
+        if not os.path.isdir(path):
+            try:
+                self.storage._mkdir(os.fspath(path))
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise
+
+    def rm_file(self, path: str | os.PathLike[str]) -> None:
+        self.storage._unlink(os.fspath(path))
+
+
 class DurableFileSystemWriter(FileSystemWriter):
-    """DCP's ``FileSystemWriter`` that also fsyncs the checkpoint directory.
+    """DCP's ``FileSystemWriter`` that also fsyncs the checkpoint directory, and changes files only through a
+    :class:`ShardedStorage`.
 
     DCP fsyncs every file it writes (``sync_files``) but not the directory that holds them, so after a power cut a
     complete-looking checkpoint could miss a shard's directory entry. Each rank fsyncs the directory after its
     shard files (inside DCP's write step, before rank 0 gathers the results), and rank 0 again after it renamed
-    ``.metadata`` into place.
+    ``.metadata`` into place. Files are created, fsynced (with ``sync_files``), renamed and removed by the storage,
+    so that a test can see every operation.
 
     Args:
         path: the (temporary) checkpoint directory.
-        storage: provides ``sync_dir`` (and is where tests inject faults).
-        kwargs: passed to ``FileSystemWriter``.
+        storage: makes every change (and is where tests inject faults); a plain ``FileStorage`` is used for the
+            operations it has.
+        kwargs: passed to ``FileSystemWriter``; ``sync_files`` (default ``True``) is done by ``storage``.
     """
 
     def __init__(self, path: str | os.PathLike[str], storage: FileStorage, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
-        self.storage = storage
+        sync_files = bool(kwargs.pop("sync_files", True))
+        super().__init__(path, sync_files=False, **kwargs)  # the storage fsyncs each file, before it is closed
+        self.storage = _sharded_storage(storage, fsync=sync_files)
+        self.fs = _StorageFileSystem(self.storage, sync=sync_files)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> TorchFuture[list[WriteResult]]:
         fut = super().write_data(plan, planner)
@@ -224,41 +409,13 @@ def _default_staging() -> StagingOptions:
     )
 
 
-# -- file system helpers ---------------------------------------------------------------------------------------------
-def _rename_exchange(a: str, b: str) -> bool:
-    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), a, None, b)
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a directory tree, or a file; a path that is already gone is fine."""
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def remove_stale_temp_dirs(save_dir: str) -> list[str]:
+def remove_stale_temp_dirs(save_dir: str, storage: ShardedStorage | None = None) -> list[str]:
     """Delete the temporary checkpoint directories that a sharded saver of a finished or crashed run left behind.
 
     Only names written on this host by a process that no longer runs are removed (the process is rank 0's); those
     of a live process or of another host sharing the directory are left alone.
     """
+    storage = storage if storage is not None else ShardedStorage()
     removed: list[str] = []
     try:
         names = os.listdir(save_dir)
@@ -270,7 +427,7 @@ def remove_stale_temp_dirs(save_dir: str) -> list[str]:
             continue
         path = os.path.join(save_dir, name)
         try:
-            _remove_tree(path)
+            storage.remove_tree(path)
         except OSError as exc:
             logger.warning("async_ckpt: could not remove the stale temporary %s: %r", path, exc)
             continue
@@ -463,8 +620,9 @@ class ShardedCheckpointSaver:
             makes the others fail after it instead of hanging.
         exception_timeout: on ``EXCEPTION_RAISED``, seconds to wait for the save in flight and the final
             checkpoint, so they can still be published (no collective is issued by the training thread then).
-        storage: directory fsyncs, renames and removals (a :class:`~async_ckpt.storage.FileStorage` subclass; for
-            tests and special file systems).
+        storage: every change to ``save_dir`` (a :class:`ShardedStorage` subclass, for tests and special file
+            systems; a plain :class:`~async_ckpt.storage.FileStorage` subclass provides fsyncs, renames and
+            unlinks, the rest is :class:`ShardedStorage`'s).
 
     Raises:
         ValueError: empty ``save_dict``; ``save_interval < 0``; ``n_saved`` or ``n_best < 1``; ``score_name`` or
@@ -538,7 +696,7 @@ class ShardedCheckpointSaver:
         self.thread_count = thread_count
         self.replicas_from_rank0 = replicas_from_rank0
         self.exception_timeout = exception_timeout
-        self.storage = storage if storage is not None else FileStorage(fsync=fsync)
+        self.storage = _sharded_storage(storage, fsync=fsync)
         self._stager = DefaultStager(staging if staging is not None else _default_staging())
         self._in_flight: _InFlight | None = None
         self._latched: list[_Latched] = []
@@ -575,7 +733,7 @@ class ShardedCheckpointSaver:
             try:
                 os.makedirs(self.save_dir, exist_ok=True)
                 self.storage.sync_dir(os.path.dirname(os.path.abspath(self.save_dir)))
-                removed = remove_stale_temp_dirs(self.save_dir)
+                removed = remove_stale_temp_dirs(self.save_dir, self.storage)
                 if removed:
                     logger.info("async_ckpt: removed %d temporary checkpoint(s) of an interrupted run", len(removed))
                 if resume:
@@ -909,7 +1067,7 @@ class ShardedCheckpointSaver:
             self._latched.append(_Latched(job.final, exc, "write"))
             if self.rank == 0:  # every rank's upload has resolved: nobody writes into it any more
                 with contextlib.suppress(OSError):  # if not, the stale-temp cleanup of the next run removes it
-                    _remove_tree(job.tmp)
+                    self.storage.remove_tree(job.tmp)
             return
         self._in_flight = None
         self._publish(job)
@@ -973,27 +1131,12 @@ class ShardedCheckpointSaver:
         self._last = last
 
     def _rename_into_place(self, tmp: str, final: str) -> None:
-        if os.path.lexists(final):
-            if not _rename_exchange(tmp, final):  # no atomic swap here: a short window without ``final``
-                aside = f"{final}{TMP_MARKER}{self._token}.old{self._counter}"
-                self.storage._replace(final, aside)
-                self.storage._replace(tmp, final)
-                tmp = aside
-            self.storage.sync_dir(self.save_dir)
-            _remove_tree(tmp)  # the replaced checkpoint, now under a temporary name
-            return
-        self.storage._replace(tmp, final)
-        self.storage.sync_dir(self.save_dir)
+        self.storage.publish_dir(tmp, final, aside=f"{final}{TMP_MARKER}{self._token}.old{self._counter}")
 
     def _remove_checkpoint(self, path: str) -> None:
         aside = f"{path}{TMP_MARKER}{self._token}.del{self._asides}"
         self._asides += 1
-        try:
-            self.storage._replace(path, aside)
-        except FileNotFoundError:
-            return
-        self.storage.sync_dir(self.save_dir)
-        _remove_tree(aside)
+        self.storage.remove_dir(path, aside)
 
     def _take_error(self) -> CheckpointWriteError | None:
         latched, self._latched = self._latched, []

@@ -22,10 +22,11 @@ from conftest import METRICS, Training, clone_tree, make_training, trees_equal
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from async_ckpt import CheckpointWriteError, FileStorage
+from async_ckpt import CheckpointWriteError
 from async_ckpt.sharded import (
     ModelOptimizerState,
     ShardedCheckpointSaver,
+    ShardedStorage,
     is_complete,
     latest_sharded_checkpoint,
     load,
@@ -275,16 +276,18 @@ def test_bad_scoring_arguments_raise_at_construction(
     assert os.listdir(tmp_path) == [], "a refused saver touched save_dir"
 
 
-@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
-def test_saving_under_an_existing_name_replaces_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exchange: bool
-) -> None:
-    import async_ckpt.sharded as sharded
+class NoExchange(ShardedStorage):
+    """A file system without ``renameat2(RENAME_EXCHANGE)`` (NFS, for one): a replacement is two renames."""
 
-    if not exchange:  # a file system without an atomic swap: the old directory is moved aside first
-        monkeypatch.setattr(sharded, "_rename_exchange", lambda a, b: False)
+    def _exchange(self, a: str, b: str) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_saving_under_an_existing_name_replaces_it(tmp_path: Path, exchange: bool) -> None:
+    """A second save under a name replaces the first, with an atomic swap or (without one) two renames."""
     state = {"t": torch.zeros(4)}
-    saver = ShardedCheckpointSaver(tmp_path, {"extra": state})
+    saver = ShardedCheckpointSaver(tmp_path, {"extra": state}, storage=ShardedStorage() if exchange else NoExchange())
     saver.save("same")
     state["t"].fill_(3.0)
     saver.save("same")
@@ -321,17 +324,17 @@ def loaded_state(path: str | os.PathLike[str]) -> tuple[int, dict[str, Any]]:
     return trainer.state.iteration, net.state_dict()
 
 
-class FaultyDisk(FileStorage):
+class FaultyDisk(ShardedStorage):
     """Fails one checkpoint by its final name: ``"write"`` fails the fsync of its temporary directory (so DCP's
     write fails), ``"publish"`` the rename onto its final name.
 
     Records the final name of every temporary directory written (fsynced), and every rename between a temporary
-    and a final name, as ``("publish" | "aside", final name)``.
+    and a final name, as ``("publish" | "aside", final name)``. Without ``exchange``, a replacement is two renames.
     """
 
-    def __init__(self, fail: str | None = None, name: str = "") -> None:
+    def __init__(self, fail: str | None = None, name: str = "", exchange: bool = True) -> None:
         super().__init__(fsync=True)
-        self.fail, self.name = fail, name
+        self.fail, self.name, self.exchange = fail, name, exchange
         self.written: list[str] = []
         self._synced: set[str] = set()
         self.renames: list[tuple[str, str]] = []
@@ -345,6 +348,9 @@ class FaultyDisk(FileStorage):
             if self.fail == "write" and final == self.name:
                 raise OSError(errno.EIO, os.strerror(errno.EIO), directory)
         super().sync_dir(directory)
+
+    def _exchange(self, a: str, b: str) -> bool:
+        return self.exchange and super()._exchange(a, b)
 
     def _replace(self, src: str, dst: str) -> None:
         if self.fail == "publish" and os.path.basename(dst) == self.name:
@@ -368,16 +374,10 @@ def scored_saver(directory: Path, save_dict: Mapping[str, Any], **kwargs: Any) -
     )
 
 
-def test_single_process_top_n_by_score_prunes_after_publish_and_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import async_ckpt.sharded as sharded
-
-    # Every replacement as two logged renames (no atomic swap), so that the log shows all of them.
-    monkeypatch.setattr(sharded, "_rename_exchange", lambda a, b: False)
+def test_single_process_top_n_by_score_prunes_after_publish_and_resumes(tmp_path: Path) -> None:
     training = make_training(metrics=METRICS)  # acc by epoch: 0.5 0.7 0.7 0.6 0.9 0.9 0.3 0.95
     states = record_states(training)
-    disk = FaultyDisk()
+    disk = FaultyDisk(exchange=False)  # every replacement as two logged renames, so that the log shows all of them
     save_dict = {"net": training.net, "trainer": training.engine}
     saver = scored_saver(tmp_path, save_dict, n_best=2, file_prefix="run", storage=disk)
     saver.attach(training.engine)

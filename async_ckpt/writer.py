@@ -95,11 +95,20 @@ class WriterClient:
     Args:
         storage: how files are written; tests pass a slow or faulty subclass.
         name: used in log lines and thread-dump friendly reprs.
+        exit_timeout: seconds the interpreter-exit hook may wait for this client's pending jobs (``None``: no
+            limit). It counts only while the client has jobs pending, so a closed or idle client never lengthens
+            another one's exit.
     """
 
-    def __init__(self, storage: FileStorage | None = None, name: str = "saver") -> None:
+    def __init__(
+        self,
+        storage: FileStorage | None = None,
+        name: str = "saver",
+        exit_timeout: float | None = 600.0,
+    ) -> None:
         self.storage = storage if storage is not None else FileStorage()
         self.name = name
+        self.exit_timeout = exit_timeout
         self._cond = threading.Condition()
         self._pending = 0
         self._failures: list[Failure] = []
@@ -159,13 +168,15 @@ class WriterClient:
     def close(self, timeout: float | None = None) -> bool:
         """Wait for this client's jobs, refuse new ones, and join the worker if no other client keeps it busy.
 
-        Idempotent. Returns ``False`` if ``timeout`` passed with jobs still pending.
+        Only this client's jobs are waited for: a worker still running or holding another client's jobs is left to
+        that client's ``close`` (or the exit hook). Idempotent. Returns ``False`` if ``timeout`` passed with jobs
+        still pending.
         """
         finished = self.wait(timeout)
         with self._cond:
             self._closed = True
         _worker.unregister(self)
-        _worker.join_if_idle()
+        _worker.join_if_idle(self)
         return finished
 
 
@@ -177,16 +188,33 @@ class _Worker:
         self._queue: collections.deque[tuple[WriterClient, WriteJob]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._exiting: threading.Thread | None = None
+        self._running: WriterClient | None = None  # whose job the worker is running now
         # Weak: a saver that is dropped without close() must not keep its buffers alive through the writer.
         self._clients: weakref.WeakSet[WriterClient] = weakref.WeakSet()
+        self._newest: weakref.ref[WriterClient] | None = None
 
     def register(self, client: WriterClient) -> None:
         with self._lock:
             self._clients.add(client)
+            self._newest = weakref.ref(client)
 
     def clients(self) -> list[WriterClient]:
+        """Live clients: those not closed, and closed ones whose jobs are still queued (the queue holds them)."""
         with self._lock:
-            return list(self._clients)
+            clients = list(self._clients)
+            queued = [c for c, _ in self._queue]
+            running = self._running
+        seen = {id(c) for c in clients}
+        for c in [*queued, *([running] if running is not None else [])]:
+            if id(c) not in seen:
+                seen.add(id(c))
+                clients.append(c)
+        return clients
+
+    def newest(self) -> WriterClient | None:
+        """The client registered last, if it is still alive."""
+        with self._lock:
+            return self._newest() if self._newest is not None else None
 
     def unregister(self, client: WriterClient) -> None:
         with self._lock:
@@ -199,22 +227,26 @@ class _Worker:
                 self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
                 self._thread.start()
 
-    def join_if_idle(self, timeout: float | None = None) -> None:
-        """Join the worker thread if it has nothing left to do (it is then on its way out)."""
+    def join_if_idle(self, client: WriterClient, timeout: float | None = None) -> None:
+        """Join the worker thread if it has nothing left to do but ``client``'s finished job (it is then on its way
+        out); a worker busy with another client's job is not waited for."""
         with self._lock:
-            thread = (self._thread or self._exiting) if not self._queue else None
+            idle = not self._queue and self._running in (None, client)
+            thread = (self._thread or self._exiting) if idle else None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
     def _run(self) -> None:
         while True:
             with self._lock:
+                self._running = None
                 if not self._queue:
                     # Still alive for a moment after this: join_if_idle must be able to find and join it.
                     self._exiting = self._thread
                     self._thread = None
                     return
                 client, job = self._queue.popleft()
+                self._running = client
             failure = _execute(client.storage, job)
             job.done.set()
             client._finished(job, failure)
@@ -222,9 +254,7 @@ class _Worker:
     def drain(self, timeout: float | None) -> list[str]:
         """Wait for every client's jobs; return the paths of jobs still pending when ``timeout`` ran out."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            clients = list(self._clients)
-        for c in clients:
+        for c in self.clients():
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             c.wait(remaining)
         with self._lock:
@@ -243,6 +273,7 @@ class _Worker:
         self._queue.clear()
         self._thread = None
         self._exiting = None
+        self._running = None
         for client in list(self._clients):
             client._cond = threading.Condition()
             client._pending = 0
@@ -305,20 +336,28 @@ def worker_alive() -> bool:
 
 
 _DEFAULT_EXIT_TIMEOUT = 600.0
-_exit_timeouts: list[float | None] = []
 
 
-def set_exit_timeout(seconds: float | None) -> None:
-    """Ask the interpreter-exit hook to wait up to ``seconds`` (``None``: no limit); the longest request wins."""
-    _exit_timeouts.append(seconds)
+def set_exit_timeout(seconds: float | None, client: WriterClient | None = None) -> None:
+    """Set how long the interpreter-exit hook may wait for ``client``'s pending jobs (``None``: no limit).
+
+    Prefer ``WriterClient(exit_timeout=...)``. Without ``client`` this applies to the most recently created client
+    (the form savers used when the timeout was process-wide); either way it lasts only as long as that client has
+    work pending.
+    """
+    target = client if client is not None else _worker.newest()
+    if target is not None:
+        target.exit_timeout = seconds
 
 
 def _exit_timeout() -> float | None:
-    if not _exit_timeouts:
+    """The longest exit timeout among the clients with jobs pending (``None`` wins; the default if none has)."""
+    timeouts = [c.exit_timeout for c in _worker.clients() if c.pending]
+    if not timeouts:
         return _DEFAULT_EXIT_TIMEOUT
-    if any(t is None for t in _exit_timeouts):
+    if any(t is None for t in timeouts):
         return None
-    return max(t for t in _exit_timeouts if t is not None)
+    return max(t for t in timeouts if t is not None)
 
 
 @atexit.register

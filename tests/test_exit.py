@@ -201,6 +201,29 @@ def test_staging_memory_does_not_grow_over_100_saves(tmp_path: Path) -> None:
     assert set(seen[1:]) == {(2, 2 * one_set)}, f"staging grew: {sorted(set(seen))}"
 
 
+def test_a_closed_unbounded_saver_does_not_make_later_exits_unbounded(tmp_path: Path) -> None:
+    """After a saver with exit_timeout=None is closed, the exit hook waits only as long as the savers that still have
+    work allow (here 1 s), then reports the checkpoint it could not finish instead of waiting for it."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from _doubles import GatedStorage
+from conftest import make_training
+from async_ckpt import AsyncCheckpointSaver
+
+t = make_training(batches=1)
+AsyncCheckpointSaver({str(tmp_path)!r}, t.save_dict, exit_timeout=None).close()
+saver = AsyncCheckpointSaver({str(tmp_path)!r}, t.save_dict, save_interval=1, exit_timeout=1.0, storage=GatedStorage())
+saver.interval_completed(t.engine)  # held at the gate, which never opens; the script ends without close()
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after waiting 1.0s" in proc.stderr and "NOT written" in proc.stderr, proc.stderr[-3000:]
+    assert _names(tmp_path) == []
+
+
 def test_a_failure_during_the_exit_drain_is_reported_on_stderr(tmp_path: Path) -> None:
     """A queued write that fails while the interpreter exits (nobody left to raise it) is logged, never lost."""
     script = f"""

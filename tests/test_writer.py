@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 from _doubles import GatedStorage
 
+from async_ckpt import writer as writer_mod
 from async_ckpt.errors import WriterClosedError
 from async_ckpt.storage import FileStorage
 from async_ckpt.writer import WriteJob, WriterClient, worker_alive
@@ -114,3 +116,47 @@ def test_failure_in_on_done_is_reported(tmp_path: os.PathLike[str]) -> None:
     assert client.close(timeout=30)
     (failure,) = client.take_failures()
     assert isinstance(failure.error, ValueError)
+
+
+def test_close_does_not_wait_for_another_clients_running_job(tmp_path: os.PathLike[str]) -> None:
+    """close() of a client with nothing pending returns while another client's write is still in progress."""
+    storage = GatedStorage()
+    busy = WriterClient(storage, name="busy")
+    idle = WriterClient(FileStorage(fsync=False), name="idle")
+    busy.submit(_job(os.path.join(tmp_path, "a.pt")))
+    assert storage.entered.wait(timeout=30)
+    closed = threading.Event()
+
+    def close_idle() -> None:
+        idle.close()
+        closed.set()
+
+    closer = threading.Thread(target=close_idle, name="test-close-idle")
+    closer.start()
+    try:
+        returned = closed.wait(timeout=10)
+        still_writing = busy.pending == 1
+    finally:
+        storage.open_all()
+        closer.join(timeout=30)
+    assert returned and still_writing, "close() of an idle client waited for another client's write"
+    assert busy.close(timeout=30)
+    assert not worker_alive()
+
+
+def test_exit_timeout_counts_only_clients_with_pending_jobs(tmp_path: os.PathLike[str]) -> None:
+    """The exit hook's timeout comes from the clients that still have work: an unbounded client that was closed
+    (or has nothing pending) no longer makes the exit wait without limit."""
+    unbounded = WriterClient(FileStorage(fsync=False), exit_timeout=None)
+    storage = GatedStorage()
+    bounded = WriterClient(storage, exit_timeout=5.0)
+    bounded.submit(_job(os.path.join(tmp_path, "a.pt")))
+    assert storage.entered.wait(timeout=30)
+    try:
+        assert writer_mod._exit_timeout() == 5.0  # the unbounded client has nothing pending
+        unbounded.submit(_job(os.path.join(tmp_path, "b.pt")))
+        assert writer_mod._exit_timeout() is None  # now it has
+    finally:
+        storage.open_all()
+    assert unbounded.close(timeout=30) and bounded.close(timeout=30)
+    assert writer_mod._exit_timeout() == writer_mod._DEFAULT_EXIT_TIMEOUT

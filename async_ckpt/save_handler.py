@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,46 @@ from async_ckpt.storage import FileStorage
 from async_ckpt.telemetry import SaveStats, Telemetry
 from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient, set_exit_timeout
 
-__all__ = ["AsyncSaveHandler", "SavePipeline", "attach_failure"]
+__all__ = ["AsyncSaveHandler", "SavePipeline", "attach_failure", "save_dict_objects", "state_of"]
+
+
+def save_dict_objects(save_dict: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Every object of ``save_dict`` with its path (``"['nets'][1]"``), walking nested values as ignite does.
+
+    ignite's ``Checkpoint`` accepts values that are mappings, lists, tuples or named tuples of objects (a GAN's
+    ``{"nets": [gen, disc]}``) and saves the same nesting of their ``state_dict()``. A ``str`` is yielded as an
+    object, not walked (ignite would recurse into its characters without end).
+    """
+
+    def walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                yield from walk(value, f"{path}[{key!r}]")
+        elif isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
+            for i, value in enumerate(node):
+                yield from walk(value, f"{path}[{i}]")
+        else:
+            yield path, node
+
+    yield from walk(save_dict, "")
+
+
+def state_of(save_dict: Mapping[str, Any]) -> Any:
+    """The state ignite's ``Checkpoint`` saves for ``save_dict``: each object's ``state_dict()`` in the same nesting,
+    with (Distributed)DataParallel unwrapped."""
+
+    def state(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {key: state(value) for key, value in node.items()}
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(state(v) for v in node))
+        if isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
+            return type(node)([state(v) for v in node])  # type: ignore[call-arg]
+        if isinstance(node, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            node = node.module
+        return node.state_dict()
+
+    return state(save_dict)
 
 
 @dataclass
@@ -156,7 +195,7 @@ class SavePipeline:
         if self.options.snapshot_mode != "overlap":
             return None
         guarded: set[int] = set()
-        for obj in self.save_dict.values():
+        for _, obj in save_dict_objects(self.save_dict):
             if not isinstance(obj, torch.optim.Optimizer):
                 continue
             self._install_guard(obj)
@@ -185,8 +224,7 @@ class SavePipeline:
 
     def prewarm(self) -> int:
         """Allocate the staging buffers for the current layout of the state now (see ``Stager.prewarm``)."""
-        state = {k: v.state_dict() for k, v in self.save_dict.items()}
-        return self.stager.prewarm(flatten(state).tensors)
+        return self.stager.prewarm(flatten(state_of(self.save_dict)).tensors)
 
     def has_free_slot(self) -> bool:
         """Whether a save could be staged now without waiting for the writer."""

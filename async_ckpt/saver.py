@@ -28,7 +28,13 @@ from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.preemption import PreemptionGuard, outermost_running_engine
 from async_ckpt.resume import remove_stale_temp_files, saved_items
-from async_ckpt.save_handler import AsyncSaveHandler, SavePipeline, attach_failure, failure_to_error
+from async_ckpt.save_handler import (
+    AsyncSaveHandler,
+    SavePipeline,
+    attach_failure,
+    failure_to_error,
+    save_dict_objects,
+)
 from async_ckpt.storage import FileStorage
 
 if TYPE_CHECKING:
@@ -101,7 +107,8 @@ class AsyncCheckpointSaver:
 
     Raises:
         AssertionError: ``save_dir`` is ``None`` or ``save_dict`` is empty (as MONAI).
-        TypeError: a ``save_dict`` value has no ``state_dict`` method (as ignite).
+        TypeError: a ``save_dict`` value, or an object nested in one (lists, tuples and dicts of objects, as
+            ignite accepts them), has no ``state_dict`` method (as ignite).
         ValueError: ``key_metric_filename`` with ``key_metric_n_saved > 1``, ``n_saved < 1``, the key
             ``"checkpointer"`` with ``key_metric_save_state`` (as MONAI/ignite), or a bad async option.
         OSError: ``save_dir`` cannot be created, is not a directory, or is not writable.
@@ -579,11 +586,13 @@ class AsyncCheckpointSaver:
 
 
 def _check_state_dicts(save_dict: Mapping[str, Any]) -> None:
-    for key, obj in save_dict.items():
+    """Raise ``TypeError`` (as ignite) naming the first object, however deeply nested, without ``state_dict()``."""
+    for path, obj in save_dict_objects(save_dict):
         if not callable(getattr(obj, "state_dict", None)):
             raise TypeError(
-                f"save_dict[{key!r}] is a {type(obj).__name__}, which has no state_dict() method. Pass objects "
-                "with state_dict()/load_state_dict() (modules, optimizers, schedulers, engines) or wrap the value."
+                f"save_dict{path} is a {type(obj).__name__}, which has no state_dict() method. Pass objects "
+                "with state_dict()/load_state_dict() (modules, optimizers, schedulers, engines), or lists and dicts "
+                "of them, or wrap the value."
             )
 
 

@@ -60,6 +60,17 @@ ROWS: dict[str, Row] = {
     "no-state_dict-save_interval": Row(
         lambda t: {"save_dict": {"bad": [1, 2]}, "save_interval": 1}, TypeError, r"'bad'.*state_dict"
     ),
+    "no-state_dict-nested-list": Row(
+        lambda t: {"save_dict": {"nets": [t.net, _NoState()]}, "save_final": True},
+        TypeError,
+        r"save_dict\['nets'\]\[1\] is a _NoState.*state_dict",
+    ),
+    "no-state_dict-nested-dict": Row(
+        lambda t: {"save_dict": {"models": {"a": t.net, "b": {"c": 3}}}, "save_interval": 1},
+        TypeError,
+        r"save_dict\['models'\]\['b'\]\['c'\] is a int.*state_dict",
+    ),
+    "nested-accepted": Row(lambda t: {"save_dict": {"nets": [t.net], "o": {"a": t.opt}}, "save_interval": 1}, None),
     "no-state_dict-nothing-enabled": Row(lambda t: {"save_dict": {"bad": 3}}, None),
     "key_metric_filename-n2": Row(
         lambda t: {

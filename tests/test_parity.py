@@ -70,13 +70,15 @@ def run_saver(
     metrics: Sequence[Any] = METRICS,
     fail_at_iteration: int | None = None,
     single: bool = False,
+    layout: str | None = None,
     state_key_metric: str | None = None,
     runs: Sequence[int] = (),
 ) -> Outcome:
     """Train with one saver attached and return the files it left (after ``close()`` for ours).
 
-    ``state_key_metric`` sets ``engine.state.key_metric_name`` at ``STARTED``; ``runs`` lists further
-    ``max_epochs`` to resume the same engine with after the first run.
+    ``layout`` names one of :data:`LAYOUTS` (nested ``save_dict`` values); ``state_key_metric`` sets
+    ``engine.state.key_metric_name`` at ``STARTED``; ``runs`` lists further ``max_epochs`` to resume the same engine
+    with after the first run.
     """
     t = make_training(seed, metrics=metrics, fail_at_iteration=fail_at_iteration)
     if state_key_metric is not None:
@@ -85,7 +87,7 @@ def run_saver(
         def _key(e: Engine) -> None:
             e.state.key_metric_name = state_key_metric
 
-    save_dict = {"net": t.net} if single else t.save_dict
+    save_dict = layout_of(t, layout) if layout is not None else {"net": t.net} if single else t.save_dict
     saver = IMPLS[impl](save_dir=str(save_dir), save_dict=save_dict, **kwargs)
     error: BaseException | None = None
     at_return = None
@@ -106,6 +108,22 @@ def run_saver(
             if isinstance(saver, AsyncCheckpointSaver):
                 saver.close()
     return Outcome(load_dir(save_dir), error, t, at_return, list(caught))
+
+
+def layout_of(t: Training, layout: str) -> dict[str, Any]:
+    """A ``save_dict`` of ``t`` whose values nest lists, tuples and dicts of objects, as ignite's ``Checkpoint``
+    accepts them (a GAN's ``{"nets": [gen, disc]}``)."""
+    return {
+        "list": {"nets": [t.net, t.opt]},
+        "dict": {"models": {"net": t.net, "opt": t.opt}},
+        "mixed": {"nets": [t.net], "optims": {"adam": t.opt}, "trainer": t.engine},
+        "deep": {"gan": {"parts": [t.net, [t.opt]], "trainer": {"engine": t.engine}}},
+        "tuple": {"nets": (t.net,), "opt": t.opt},
+    }[layout]
+
+
+LAYOUTS = ("list", "dict", "mixed", "deep", "tuple")
+LOADABLE = ("list", "dict", "mixed", "deep")  # ignite's load_objects walks no tuples (whoever saved the file)
 
 
 def run_both(tmp_path: Path, kwargs: dict[str, Any], **run_kwargs: Any) -> tuple[Outcome, Outcome]:
@@ -178,6 +196,21 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "single-entry-fixed-names-state": (
         {"save_final": True, "final_filename": "f.pt", **KM, "key_metric_filename": "b.pt"},
         {"single": True},
+    ),
+    **{
+        f"nested-{layout}": (
+            {"save_final": True, "save_interval": 2, "epoch_level": False, "n_saved": 2, **KM, "key_metric_n_saved": 2},
+            {"layout": layout, "max_epochs": 4},
+        )
+        for layout in LAYOUTS
+    },
+    "nested-on-exception": (
+        {"save_final": True, "save_interval": 1, **KM},
+        {"layout": "mixed", "fail_at_iteration": 8},
+    ),
+    "nested-single-list-fixed-names": (
+        {"save_final": True, "final_filename": "f.pt", **KM, "key_metric_filename": "b.pt"},
+        {"layout": "list", "max_epochs": 4},
     ),
     "everything": (
         {
@@ -272,6 +305,33 @@ def test_single_entry_file_loads_as_bare_state(tmp_path: Path) -> None:
     other = make_training(seed=4)
     Checkpoint.load_objects(to_load={"net": other.net}, checkpoint=str(path))
     assert trees_equal(other.net.state_dict(), t.net.state_dict())
+
+
+@pytest.mark.parametrize("layout", LOADABLE)
+def test_nested_save_dict_loads_through_monai_and_ignite(tmp_path: Path, layout: str) -> None:
+    """A checkpoint of a nested ``save_dict`` loads through MONAI's CheckpointLoader and ignite's
+    ``Checkpoint.load_objects`` into fresh objects of the same layout, with the saved weights and state."""
+    t = make_training(0)
+    with AsyncCheckpointSaver(str(tmp_path), layout_of(t, layout), save_final=True) as saver:
+        saver.attach(t.engine)
+        t.engine.run(t.data, max_epochs=2)
+    (path,) = (tmp_path / n for n in load_dir(tmp_path))
+    for load in ("monai", "ignite"):
+        fresh = make_training(seed=5)
+        fresh.engine.state.max_epochs = 1
+        assert not trees_equal(fresh.net.state_dict(), t.net.state_dict())
+        to_load = layout_of(fresh, layout)
+        if load == "monai":
+            CheckpointLoader(load_path=str(path), load_dict=to_load)(Engine(lambda e, b: None))
+        elif len(to_load) > 1:
+            Checkpoint.load_objects(to_load=to_load, checkpoint=str(path))
+        else:
+            # ignite reads a single-key file as the bare state of one object, which a nested value is not: the
+            # file holds the value's nesting, so the caller wraps it (as MONAI's CheckpointLoader does).
+            (key,) = to_load
+            Checkpoint.load_objects(to_load=to_load, checkpoint={key: torch.load(path, weights_only=True)})
+        assert trees_equal(fresh.net.state_dict(), t.net.state_dict()), load
+        assert trees_equal(fresh.opt.state_dict(), t.opt.state_dict()), load
 
 
 def _resume(impl: str, save_dir: Path, use_loader: bool) -> dict[str, Any]:

@@ -249,18 +249,39 @@ class ShardedStorage(FileStorage):
         """Rename the complete directory ``tmp`` onto ``final`` durably, replacing a directory already there.
 
         Where the file system cannot swap two names atomically, the old ``final`` is first renamed to ``aside`` (a
-        temporary name), so for a moment neither name is ``final``.
+        temporary name), so for a moment neither name is ``final``. If the second rename fails, the old directory
+        is renamed back before the error propagates; after a crash between the two, :func:`remove_stale_temp_dirs`
+        puts it back. A ``tmp`` that could not be renamed is deleted (it was never published).
+
+        Raises:
+            OSError: ``tmp`` is not published; the old ``final`` is still there (:class:`AsideNotRestoredError` if
+                it could not be renamed back: it is at ``aside`` then).
         """
-        if os.path.lexists(final):
-            if not self._exchange(tmp, final):
-                self._replace(final, aside)
-                self._replace(tmp, final)
-                tmp = aside
+        if not os.path.lexists(final):
+            self._rename_or_discard(tmp, final)
             self.sync_dir(os.path.dirname(final))
-            self.remove_tree(tmp)  # the replaced checkpoint, now under a temporary name
             return
-        self._replace(tmp, final)
+        if not self._exchange(tmp, final):
+            self._replace(final, aside)
+            try:
+                self._rename_or_discard(tmp, final)
+            except OSError as exc:
+                try:
+                    self._replace(aside, final)
+                except OSError as again:
+                    raise AsideNotRestoredError(final, aside, exc, again) from exc
+                raise
+            tmp = aside
         self.sync_dir(os.path.dirname(final))
+        self.remove_tree(tmp)  # the replaced checkpoint, now under a temporary name
+
+    def _rename_or_discard(self, tmp: str, final: str) -> None:
+        try:
+            self._replace(tmp, final)
+        except OSError:
+            with contextlib.suppress(OSError):  # if it stays, the next start's stale-temp cleanup deletes it
+                self.remove_tree(tmp)
+            raise
 
     def remove_dir(self, path: str, aside: str) -> None:
         """Delete the checkpoint directory ``path``: renamed to the temporary ``aside`` first (durably), so it is
@@ -271,6 +292,19 @@ class ShardedStorage(FileStorage):
             return
         self.sync_dir(os.path.dirname(path))
         self.remove_tree(aside)
+
+
+class AsideNotRestoredError(OSError):
+    """A replacement failed between its two renames, and the old checkpoint could not be renamed back either: it
+    is under a temporary name (``aside``), which the next start of a sharded saver on the directory renames back."""
+
+    def __init__(self, final: str, aside: str, error: OSError, again: OSError) -> None:
+        super().__init__(
+            error.errno,
+            f"{error.strerror or error!r}; the previous checkpoint could not be renamed back ({again!r}): it is at "
+            f"{aside!r}, and the next start of a ShardedCheckpointSaver on this directory puts it back",
+        )
+        self.final, self.aside = final, aside
 
 
 class _Delegating(ShardedStorage):
@@ -410,21 +444,50 @@ def _default_staging() -> StagingOptions:
 
 
 def remove_stale_temp_dirs(save_dir: str, storage: ShardedStorage | None = None) -> list[str]:
-    """Delete the temporary checkpoint directories that a sharded saver of a finished or crashed run left behind.
+    """Recover from a sharded saver of a finished or crashed run: put back what a replacement left aside, and
+    delete the temporary checkpoint directories it left behind.
 
-    Only names written on this host by a process that no longer runs are removed (the process is rank 0's); those
-    of a live process or of another host sharing the directory are left alone.
+    A replacement without an atomic swap renames the old checkpoint aside (``<final><marker>...old<n>``) before it
+    renames the new one onto ``<final>``; after a crash between the two, ``<final>`` is missing and the aside copy,
+    if complete, is renamed back (the new one was never published). Every other temporary name is deleted. Only
+    names written on this host by a process that no longer runs are touched (the process is rank 0's); those of a
+    live process or of another host sharing the directory are left alone.
+
+    Returns:
+        The paths deleted.
     """
     storage = storage if storage is not None else ShardedStorage()
-    removed: list[str] = []
     try:
-        names = os.listdir(save_dir)
+        names = sorted(os.listdir(save_dir))
     except FileNotFoundError:
-        return removed
+        return []
+    stale: list[str] = []
     for name in names:
         owner = temp_owner(name, fields=4)
-        if owner is None or owner[0] != _HOST or _pid_alive(owner[1]):
+        if owner is not None and owner[0] == _HOST and not _pid_alive(owner[1]):
+            stale.append(name)
+    for name in list(stale):
+        final_name, _, owner_fields = name.rpartition(TMP_MARKER)
+        final, path = os.path.join(save_dir, final_name), os.path.join(save_dir, name)
+        if not owner_fields.rsplit(".", 1)[-1].startswith("old") or os.path.lexists(final):
             continue
+        if not _holds_checkpoint(path):
+            continue
+        try:
+            storage._replace(path, final)
+            storage.sync_dir(save_dir)
+        except OSError as exc:
+            logger.warning("async_ckpt: could not put %s back under its name %s: %r", path, final, exc)
+            stale.remove(name)  # not deleted either: it may be the only copy of that checkpoint
+            continue
+        stale.remove(name)
+        logger.warning(
+            "async_ckpt: %s is back: a replacement of it was interrupted between its two renames (the new checkpoint "
+            "under that name was never published)",
+            final,
+        )
+    removed: list[str] = []
+    for name in stale:
         path = os.path.join(save_dir, name)
         try:
             storage.remove_tree(path)
@@ -439,7 +502,12 @@ def is_complete(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a complete DCP checkpoint: not a temporary name, ``.metadata`` readable, every file
     it refers to present and long enough."""
     path = os.fspath(path)
-    if is_temp_name(path) or not os.path.isfile(os.path.join(path, METADATA_NAME)):
+    return not is_temp_name(path) and _holds_checkpoint(path)
+
+
+def _holds_checkpoint(path: str) -> bool:
+    """Whether the directory ``path`` (whatever its name) holds a complete DCP checkpoint."""
+    if not os.path.isfile(os.path.join(path, METADATA_NAME)):
         return False
     try:
         metadata = FileSystemReader(path).read_metadata()
@@ -1146,9 +1214,12 @@ class ShardedCheckpointSaver:
         verb = {"publish": "publish", "remove": "remove the old checkpoint"}.get(first.stage, "write")
         more = len(latched) - 1
         extra = f" ({more} more failure(s) after it)" if more else ""
+        intact = "Earlier checkpoints are intact."
+        if isinstance(first.error, AsideNotRestoredError):
+            intact = f"Until the next start, the earlier checkpoint under that name is at {first.error.aside!r}."
         err = CheckpointWriteError(
             f"async_ckpt could not {verb} sharded checkpoint {first.path!r} (rank {self.rank}): "
-            f"{_describe(first.error)}{extra}. Earlier checkpoints are intact.",
+            f"{_describe(first.error)}{extra}. {intact}",
             path=first.path,
             more=more,
         )

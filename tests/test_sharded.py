@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,7 @@ from async_ckpt.sharded import (
     latest_sharded_checkpoint,
     load,
 )
-from async_ckpt.storage import TMP_MARKER, is_temp_name
+from async_ckpt.storage import _HOST, TMP_MARKER, is_temp_name
 
 pytestmark = [
     pytest.mark.skipif(
@@ -297,6 +300,110 @@ def test_saving_under_an_existing_name_replaces_it(tmp_path: Path, exchange: boo
     loaded = {"t": torch.zeros(4)}
     load(tmp_path / "same", {"extra": loaded})
     assert torch.equal(loaded["t"], torch.full((4,), 3.0))
+
+
+class SecondRenameFails(NoExchange):
+    """Without an atomic swap, once ``armed``: the rename of a finished directory onto the final name ``name`` fails
+    once (after the old directory under that name was renamed aside); with ``put_back_fails``, so does the rename
+    of the old directory back onto ``name``."""
+
+    def __init__(self, name: str, put_back_fails: bool = False) -> None:
+        super().__init__(fsync=True)
+        self.name, self.put_back_fails, self.armed = name, put_back_fails, False
+
+    def _replace(self, src: str, dst: str) -> None:
+        if self.armed and is_temp_name(src) and os.path.basename(dst) == self.name:
+            self.armed = self.put_back_fails
+            raise OSError(errno.EIO, os.strerror(errno.EIO), dst)
+        super()._replace(src, dst)
+
+
+def value_of(path: str | os.PathLike[str]) -> float:
+    """The value of ``t`` in a checkpoint of ``{"extra": {"t": <4 equal values>}}``."""
+    loaded = {"t": torch.zeros(4)}
+    load(path, {"extra": loaded})
+    return float(loaded["t"][0])
+
+
+def test_failed_second_rename_puts_the_old_checkpoint_back(tmp_path: Path) -> None:
+    """Without an atomic swap, when renaming the new directory onto an existing name fails, the old directory is
+    back under that name (and loads) when the error is raised, as the error message says."""
+    disk = SecondRenameFails("same")
+    state = {"t": torch.full((4,), 1.0)}
+    saver = ShardedCheckpointSaver(tmp_path, {"extra": state}, storage=disk)
+    saver.save("same")
+    saver.wait()
+    disk.armed = True
+    state["t"].fill_(2.0)
+    saver.save("same")
+    with pytest.raises(CheckpointWriteError, match="Earlier checkpoints are intact") as caught:
+        saver.wait()
+    assert isinstance(caught.value.__cause__, OSError) and caught.value.__cause__.errno == errno.EIO
+    assert listing(tmp_path) == ["same"], "the old checkpoint is not back under its name"
+    assert is_complete(tmp_path / "same") and value_of(tmp_path / "same") == 1.0
+    assert saver.saved == [str(tmp_path / "same")]
+    saver.close()
+    assert os.listdir(tmp_path) == ["same"], "the unpublished directory or the aside copy was left behind"
+
+
+def test_failed_second_rename_and_put_back_says_where_the_old_checkpoint_is(tmp_path: Path) -> None:
+    """When the old directory cannot be renamed back either, the error does not claim that it is intact: it names
+    the temporary path where it is."""
+    disk = SecondRenameFails("same", put_back_fails=True)
+    state = {"t": torch.full((4,), 1.0)}
+    saver = ShardedCheckpointSaver(tmp_path, {"extra": state}, storage=disk)
+    saver.save("same")
+    saver.wait()
+    disk.armed = True
+    saver.save("same")
+    with pytest.raises(CheckpointWriteError, match="the earlier checkpoint under that name is at") as caught:
+        saver.wait()
+    assert "intact" not in str(caught.value)
+    (aside,) = os.listdir(tmp_path)
+    assert f"{TMP_MARKER}" in aside and ".old" in aside and aside in str(caught.value)
+    assert value_of(tmp_path / aside) == 1.0
+    disk.armed = False
+    saver.close()
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (the owner that a crashed run leaves in its temporary names)."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_start_restores_the_aside_copy_of_a_crash_between_the_two_renames(tmp_path: Path) -> None:
+    """A crash between the two renames of a replacement leaves the old checkpoint under a temporary name and no
+    directory under its final name: the next saver puts it back, and deletes only the true leftovers (the
+    unpublished new directory, an aside copy whose final name exists, a pruned checkpoint, an unfinished one)."""
+    save_dir, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    state = {"t": torch.zeros(4)}
+    for directory, names in ((save_dir, ("same", "kept", "pruned", "older")), (elsewhere, ("same",))):
+        saver = ShardedCheckpointSaver(directory, {"extra": state})
+        for name in names:
+            state["t"].fill_(len(name) + (10.0 if directory == elsewhere else 0.0))
+            saver.save(name)
+        saver.close()
+
+    # The state the crash leaves: dead owner, "same" renamed aside but the new one not yet renamed onto it; from
+    # earlier crashes, "kept" renamed aside after its replacement was renamed onto it (here: a copy beside it), a
+    # pruned checkpoint renamed aside before its removal, and a directory DCP had just created.
+    token = f"{TMP_MARKER}{_HOST}.{dead_pid()}.0123abcd"
+    os.rename(save_dir / "same", save_dir / f"same{token}.old3")
+    os.rename(elsewhere / "same", save_dir / f"same{token}.3")
+    shutil.copytree(save_dir / "kept", save_dir / f"kept{token}.old1")
+    os.rename(save_dir / "pruned", save_dir / f"pruned{token}.del0")
+    os.rename(save_dir / "older", save_dir / f"older{token}.old2")
+    os.rename(save_dir / f"older{token}.old2", save_dir / "older")  # its final name exists: only a copy is stale
+    shutil.copytree(save_dir / "older", save_dir / f"older{token}.old2")
+    os.mkdir(save_dir / f"fresh{token}.4")
+
+    restarted = ShardedCheckpointSaver(save_dir, {"extra": state})
+    restarted.close()
+    assert sorted(os.listdir(save_dir)) == ["kept", "older", "same"], "a checkpoint was lost or a leftover was kept"
+    assert value_of(save_dir / "same") == len("same"), "the restored directory is not the old checkpoint"
+    assert value_of(save_dir / "kept") == len("kept") and value_of(save_dir / "older") == len("older")
 
 
 # -- scored (top-N) and final checkpoints, one process ---------------------------------------------------------------

@@ -33,6 +33,10 @@ into DCP's cached CPU buffers, which are reused from one checkpoint to the next.
 Every rank must construct the saver (the constructor creates process groups) and call
 ``save``/``save_best``/``wait``/``close`` at the same points; with :meth:`ShardedCheckpointSaver.attach` that holds
 as long as every rank attaches it.
+
+The module needs torch>=2.9 (:data:`MIN_TORCH`: DCP's ``DefaultStager``, ``StagingOptions``,
+``AsyncSaveResponse`` and ``async_save(async_stager=..., no_dist=...)``); on an older torch, importing it raises
+an ``ImportError`` that says so.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import inspect
 import io
 import logging
 import math
@@ -60,26 +65,51 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
-from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
-from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future as TorchFuture
 
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.resume import _pid_alive
 from async_ckpt.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name, temp_owner
+
+try:  # torch 2.9 brought DefaultStager, StagingOptions, AsyncSaveResponse and async_save(async_stager=, no_dist=)
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+    from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
+    from torch.distributed.checkpoint.storage import WriteResult
+except ImportError as exc:
+    if not dist.is_available():
+        raise ImportError(
+            f"async_ckpt.sharded needs torch.distributed, which this build of torch ({torch.__version__}) lacks: "
+            "install a torch build with distributed support, or save with AsyncCheckpointSaver."
+        ) from exc
+    raise ImportError(
+        f"async_ckpt.sharded needs torch>=2.9 (found {torch.__version__}): {exc}. Upgrade torch "
+        "(pip install 'torch>=2.9'), or save with AsyncCheckpointSaver, which works with torch>=2.3."
+    ) from exc
+
+MIN_TORCH = (2, 9)
+"""The oldest torch release that has every DCP API this module uses."""
+
+_MISSING = {"async_stager", "no_dist", "planner", "process_group", "storage_writer"} - set(
+    inspect.signature(async_save).parameters
+)
+if _MISSING:
+    raise ImportError(
+        f"async_ckpt.sharded needs torch>=2.9 (found {torch.__version__}): torch.distributed.checkpoint.async_save "
+        f"has no argument {', '.join(sorted(_MISSING))}. Upgrade torch (pip install 'torch>=2.9'), or save with "
+        "AsyncCheckpointSaver, which works with torch>=2.3."
+    )
 
 __all__ = [
     "DurableFileSystemWriter",

@@ -8,7 +8,9 @@ rank's output instead of hanging. The single-process tests run the same saver wi
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import inspect
 import os
 import shutil
 import subprocess
@@ -700,3 +702,122 @@ def test_single_process_no_final_checkpoint_after_the_savers_own_failure(tmp_pat
     saver.close()
     assert disk.written == ["checkpoint_iteration=1"], "a final checkpoint was attempted after the write failure"
     assert os.listdir(tmp_path) == []
+
+
+# -- the torch and ignite APIs the module relies on --------------------------------------------------------------------
+OLDER_TORCH = """
+import sys
+import torch
+import torch.distributed.checkpoint.staging as staging
+import torch.distributed.checkpoint.state_dict_saver as saver
+
+torch.__version__ = "2.8.0"
+default_stager, staging_options = staging.DefaultStager, staging.StagingOptions
+del staging.DefaultStager, staging.StagingOptions  # torch 2.8's staging module has neither
+try:
+    import async_ckpt.sharded
+except ImportError as exc:
+    print("NO-STAGER", exc)
+staging.DefaultStager, staging.StagingOptions = default_stager, staging_options
+
+def async_save(state_dict, *, checkpoint_id=None, storage_writer=None, planner=None, process_group=None):
+    raise AssertionError("never called")
+
+saver.async_save = async_save  # the signature of torch 2.7's async_save
+sys.modules.pop("async_ckpt.sharded", None)
+try:
+    import async_ckpt.sharded
+except ImportError as exc:
+    print("OLD-ASYNC-SAVE", exc)
+"""
+
+
+def test_import_on_an_older_torch_says_which_torch_it_needs() -> None:
+    """On a torch whose DCP lacks the staging API (2.8) or whose async_save lacks async_stager/no_dist, importing
+    async_ckpt.sharded raises an ImportError naming the torch it needs and the one found."""
+    done = subprocess.run(
+        [sys.executable, "-c", OLDER_TORCH], capture_output=True, text=True, timeout=TIMEOUT_S, check=True
+    )
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert set(lines) == {"NO-STAGER", "OLD-ASYNC-SAVE"}, done.stdout + done.stderr
+    for message in lines.values():
+        assert message.startswith("async_ckpt.sharded needs torch>=2.9 (found 2.8.0)"), message
+    assert "DefaultStager" in lines["NO-STAGER"]
+    assert "async_stager, no_dist" in lines["OLD-ASYNC-SAVE"]
+
+
+def parameters(fn: Any) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def test_dcp_and_ignite_internals_have_the_shape_the_module_uses(tmp_path: Path) -> None:
+    """The DCP staging classes, writer and planner arguments, and ignite's ranking internals that the module relies
+    on still exist and behave as it uses them on this torch/ignite; a change fails here, not as a silent slowdown."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
+
+    import async_ckpt.sharded as sharded
+
+    assert tuple(int(p) for p in torch.__version__.split(".")[:2]) >= sharded.MIN_TORCH
+    assert {"storage_writer", "planner", "process_group", "async_stager", "no_dist"} <= parameters(async_save)
+    assert {"upload_completion", "staging_completion"} <= {f.name for f in dataclasses.fields(AsyncSaveResponse)}
+    assert "dedup_save_to_lowest_rank" in parameters(DefaultSavePlanner)
+    assert {"sync_files", "thread_count"} <= parameters(dcp_fs.FileSystemWriter)
+
+    # AsyncStager: async_save skips synchronize_staging when _synchronize_after_execute is False (the state was
+    # copied before the call); the protocol still has the methods the module overrides.
+    assert sharded._AlreadyStaged().should_synchronize_after_execute is False
+    assert {"stage", "synchronize_staging", "close", "should_synchronize_after_execute"} <= set(dir(AsyncStager))
+    # StagingOptions/DefaultStager: a synchronous copy into buffers reused from one save to the next.
+    fields = {f.name for f in dataclasses.fields(StagingOptions)}
+    assert fields == {"use_pinned_memory", "use_shared_memory", "use_async_staging", "use_non_blocking_copy"}
+    stager = DefaultStager(StagingOptions(False, False, False, False))
+    state = {"extra": {"t": torch.arange(4.0)}}
+    first = stager.stage(state)
+    assert isinstance(first, dict), "DefaultStager returned a future for a synchronous copy"
+    state["extra"]["t"].add_(1.0)
+    second = stager.stage(state)
+    assert isinstance(second, dict) and torch.equal(second["extra"]["t"], state["extra"]["t"])
+    assert second["extra"]["t"].data_ptr() != state["extra"]["t"].data_ptr(), "staging did not copy"
+    assert second["extra"]["t"].data_ptr() == first["extra"]["t"].data_ptr(), "staging buffers are not reused"
+    stager.close()
+
+    # FileSystemWriter makes every change through its ``fs`` (create_stream, mkdir, rename): the module's fsyncs
+    # and the crash-state tests depend on it.
+    calls: list[str] = []
+
+    class Recording(ShardedStorage):
+        def _mkdir(self, path: str) -> None:
+            calls.append("mkdir")
+            super()._mkdir(path)
+
+        def _file_written(self, path: str, fd: int, sync: bool) -> None:
+            calls.append(f"written {os.path.basename(path)} sync={sync}")
+            super()._file_written(path, fd, sync)
+
+        def _replace(self, src: str, dst: str) -> None:
+            calls.append(f"rename {os.path.basename(src)} {os.path.basename(dst)}")
+            super()._replace(src, dst)
+
+    assert isinstance(sharded.DurableFileSystemWriter(tmp_path / "probe", Recording()).fs, dcp_fs.FileSystemBase)
+    saver = ShardedCheckpointSaver(tmp_path / "ckpt", {"extra": {"t": torch.ones(2)}}, storage=Recording())
+    saver.save("probe")
+    saver.close()
+    assert calls[:4] == [
+        "mkdir",
+        "written __0_0.distcp sync=True",
+        "written .metadata.tmp sync=True",
+        "rename .metadata.tmp .metadata",
+    ], calls
+    (publish,) = calls[4:]
+    assert publish.startswith(f"rename probe{TMP_MARKER}") and publish.endswith(" probe"), calls
+
+    # ignite's Checkpoint: the best-N list and its rules, as ShardedCheckpointSaver reads and writes them.
+    ranking = Checkpoint({}, lambda c, f: None, score_function=lambda e: 0.0, n_saved=2)
+    assert isinstance(ranking._saved, list) and ranking._check_lt_n_saved() is True
+    ranking._saved = [Checkpoint.Item(0.5, "a"), Checkpoint.Item(0.7, "b")]
+    assert ranking._check_lt_n_saved() is False
+    assert ranking._compare_fn(0.6) is True and ranking._compare_fn(0.4) is False
+    assert (ranking._saved[0].priority, ranking._saved[0].filename) == (0.5, "a")

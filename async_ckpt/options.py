@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from async_ckpt.storage import DirectIO
+
 OverflowPolicy = Literal["block", "skip"]
 SnapshotMode = Literal["eager", "overlap"]
 
@@ -32,6 +34,13 @@ class AsyncOptions:
             so that a write failure on the saving rank stops every rank instead of leaving them in a collective.
         exit_timeout: seconds the interpreter-exit hook waits for pending writes before it reports the ones it
             could not finish (``None``: wait as long as it takes).
+        direct_io: write the large records of a checkpoint with ``O_DIRECT``, straight from the staging buffers,
+            bypassing the page cache (less CPU, and the checkpoint does not evict other cached data). ``"auto"``
+            falls back to buffered writes, with one INFO line per directory, where the file system refuses it
+            (tmpfs on older kernels, some network and FUSE file systems); ``True`` makes that refusal a write
+            error instead; ``False`` always writes through the page cache. Records start on 4 KiB boundaries
+            unless it is ``False`` (``torch.load`` reads both layouts). ``SaveStats.io_path`` says which path a save
+            took.
     """
 
     max_pending: int = 2
@@ -42,6 +51,7 @@ class AsyncOptions:
     manifest: bool = True
     sync_errors: bool = True
     exit_timeout: float | None = 600.0
+    direct_io: DirectIO = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_pending, int) or isinstance(self.max_pending, bool) or self.max_pending < 1:
@@ -50,5 +60,7 @@ class AsyncOptions:
             raise ValueError(f"overflow must be 'block' or 'skip', got {self.overflow!r}.")
         if self.snapshot_mode not in ("eager", "overlap"):
             raise ValueError(f"snapshot_mode must be 'eager' or 'overlap', got {self.snapshot_mode!r}.")
+        if self.direct_io not in ("auto", True, False) or not isinstance(self.direct_io, (str, bool)):
+            raise ValueError(f"direct_io must be 'auto', True or False, got {self.direct_io!r}.")
         if self.exit_timeout is not None and self.exit_timeout <= 0:
             raise ValueError(f"exit_timeout must be > 0 seconds or None, got {self.exit_timeout!r}.")

@@ -43,14 +43,16 @@ def serialize(obj: Any, f: BinaryIO) -> None:
         obj: a tree of dicts, lists, tuples, tensors and plain Python values.
         f: a writable binary file object. When it has a ``fileno()`` open for reading and writing (as the files of
             :class:`~async_ckpt.storage.FileStorage` are), CRCs are computed beside the writes; otherwise this is
-            ``torch.save(obj, f)``.
+            ``torch.save(obj, f)``. When it has a nonzero ``direct_alignment`` (a storage that can write with
+            O_DIRECT), records start at multiples of it, so the storage can write each record's aligned span
+            straight from the tensor's memory; the file is still one ``torch.load`` reads.
 
     Raises:
         pickle.PicklingError: or another exception when ``obj`` holds something that cannot be pickled.
     """
     fd = _pread_pwrite_fd(f)
     tap = _CrcTap(f)
-    writer = _writer_without_crc(tap) if fd is not None else None
+    writer = _writer_without_crc(tap, getattr(f, "direct_alignment", 0)) if fd is not None else None
     if fd is None or writer is None:
         torch.save(obj, f)
         return
@@ -93,12 +95,19 @@ def _fast_path_available() -> bool:
 _FAST = _fast_path_available()
 
 
-def _writer_without_crc(sink: Any) -> Any:
-    """torch's zip writer over ``sink`` with CRC computation off, or ``None`` where this torch cannot make one."""
+def _writer_without_crc(sink: Any, alignment: int = 0) -> Any:
+    """torch's zip writer over ``sink`` with CRC computation off, or ``None`` where this torch cannot make one.
+
+    Args:
+        sink: the file object the writer writes to.
+        alignment: where record data starts in the file: a multiple of this many bytes (the storage's direct I/O
+            block, so the records can be written with O_DIRECT); 0 for torch's own alignment (what ``torch.save``
+            writes). ``torch.load`` reads either: it takes each record's offset from its header.
+    """
     if not _FAST:
         return None
     try:
-        return torch._C.PyTorchFileWriter(sink, False, torch.serialization._get_storage_alignment())
+        return torch._C.PyTorchFileWriter(sink, False, alignment or torch.serialization._get_storage_alignment())
     except TypeError:
         return None
 

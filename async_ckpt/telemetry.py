@@ -29,6 +29,9 @@ class SaveStats:
         durable_s: time from the event until the file was durable.
         linked: the file is a hard link of an identical checkpoint written at the same event.
         reused_snapshot: the tensors were not copied again because an identical snapshot was in flight.
+        io_path: ``"direct"`` when the large records went to the disk with O_DIRECT (bypassing the page cache),
+            ``"buffered"`` when every byte went through it (``direct_io=False``, a file system that refuses
+            O_DIRECT, staging memory not 4 KiB aligned, or a hard link).
     """
 
     path: str
@@ -44,6 +47,7 @@ class SaveStats:
     durable_s: float
     linked: bool
     reused_snapshot: bool
+    io_path: str = "buffered"
 
     @property
     def throughput_mib_s(self) -> float:

@@ -6,6 +6,8 @@ under pytest.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import threading
 import time
@@ -65,3 +67,25 @@ class GatedStorage(FileStorage):
     def _replace(self, src: str, dst: str) -> None:
         super()._replace(src, dst)
         self.order.append(os.path.basename(dst))
+
+
+def direct_io_refusal(directory: str | os.PathLike[str]) -> str | None:
+    """Why the file system of ``directory`` refuses an aligned O_DIRECT write, or ``None`` if it takes one."""
+    o_direct = getattr(os, "O_DIRECT", None)
+    if o_direct is None:
+        return "this platform has no O_DIRECT"
+    path = os.path.join(directory, ".o_direct_probe")
+    block = mmap.mmap(-1, 4096)  # page-aligned memory
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | o_direct, 0o600)
+        try:
+            os.pwrite(fd, block, 0)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"the file system of {directory} refuses O_DIRECT ({exc.strerror})"
+    finally:
+        block.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return None

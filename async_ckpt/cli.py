@@ -1,4 +1,10 @@
-"""``async-ckpt``: read-only inspection of checkpoint directories, and the benchmark entry point."""
+"""``async-ckpt``: read-only inspection of checkpoint directories, and the benchmark entry point.
+
+Exit status of every inspection subcommand: 0 when it did its job, 1 for a checkpoint problem (a file that fails
+verification, no checkpoint to verify or to resume from), 2 for a usage or path problem (an unknown option, a path
+that does not exist, a file where a directory is needed). Messages go to stderr and start with ``async-ckpt
+COMMAND:``; with ``--json``, stdout holds one JSON document whenever the status is 0 or 1, and nothing when it is 2.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,92 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from async_ckpt._version import __version__
-from async_ckpt.integrity import read_manifest, verify
-from async_ckpt.resume import latest_checkpoint
+from async_ckpt.integrity import VerifyResult, read_manifest, verify
+from async_ckpt.resume import LatestSearch, find_latest
 from async_ckpt.storage import is_temp_name
 
-__all__ = ["main"]
+__all__ = ["EXIT_CHECKPOINT", "EXIT_OK", "EXIT_USAGE", "main"]
+
+EXIT_OK = 0
+EXIT_CHECKPOINT = 1
+EXIT_USAGE = 2
+_RESUME_HINT = "A file that fails may not load, or may load wrong values: resume from the newest one that passes"
 
 
-def _rows(directory: str, check: bool) -> list[dict[str, Any]]:
-    files = read_manifest(directory)["files"]
-    names = sorted(n for n in os.listdir(directory) if n.endswith(".pt") or n in files)
+class _UsageError(Exception):
+    """A usage or path problem: the message says what is wrong with the argument and what to pass instead."""
+
+
+@dataclass
+class _Listing:
+    """The checkpoint-related entries of a directory.
+
+    Attributes:
+        names: checkpoint files present (``.pt`` files and files the manifest lists), sorted.
+        missing: names the manifest lists that are not there.
+        temps: temporary files of unfinished writes.
+        files: the manifest's entries.
+    """
+
+    names: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    temps: list[str] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)
+
+
+def _need_directory(path: str) -> None:
+    """Raise :class:`_UsageError` unless ``path`` is a directory (``ls`` and ``latest`` take one)."""
+    if not os.path.exists(path):
+        raise _UsageError(f"{path} does not exist: pass the directory your saver writes to (its save_dir)")
+    if not os.path.isdir(path):
+        raise _UsageError(
+            f"{path} is a file, not a directory: pass the saver's save_dir, or check that one file with: "
+            f"async-ckpt verify {path}"
+        )
+
+
+def _list(directory: str) -> _Listing:
+    try:
+        entries = os.listdir(directory)
+    except OSError as exc:
+        raise _UsageError(f"cannot read the directory {directory}: {exc.strerror or exc}") from exc
+    files: dict[str, Any] = read_manifest(directory)["files"]
+    listing = _Listing(files=files)
+    for name in sorted(entries):
+        if is_temp_name(name):
+            listing.temps.append(name)
+        elif (name.endswith(".pt") or name in files) and os.path.isfile(os.path.join(directory, name)):
+            listing.names.append(name)
+    listing.missing = sorted(n for n in files if n not in listing.names and not is_temp_name(n))
+    return listing
+
+
+def _no_checkpoint(directory: str, listing: _Listing, consequence: str = "") -> str:
+    """Why a directory without checkpoint files has none, in words (``consequence`` follows the first clause)."""
+    n = len(listing.temps)
+    head = f"no checkpoint in {directory}{consequence}"
+    if n:
+        what = "temporary file of an unfinished write" if n == 1 else "temporary files of unfinished writes"
+        return (
+            f"{head}: it holds only {n} {what} (a save still running, or one that a crash cut off; the next saver "
+            "started on this directory removes a dead writer's)"
+        )
+    return f"{head}: it holds no .pt file and its manifest lists none. Is it your saver's save_dir?"
+
+
+def _problems(result: VerifyResult) -> str:
+    return "; ".join(result.problems)
+
+
+def _rows(directory: str, listing: _Listing, check: bool) -> list[dict[str, Any]]:
     rows = []
-    for name in names:
+    for name in listing.names:
         path = os.path.join(directory, name)
-        if is_temp_name(name) or not os.path.isfile(path):
-            continue
-        entry = files.get(name, {})
+        entry = listing.files.get(name, {})
         row = {
             "name": name,
             "reason": entry.get("reason"),
@@ -61,45 +134,110 @@ def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def _warn(command: str, message: str) -> None:
+    print(f"async-ckpt {command}: {message}", file=sys.stderr)
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.dir):
-        print(f"async-ckpt: {args.dir!r} is not a directory", file=sys.stderr)
-        return 2
-    rows = _rows(args.dir, check=not args.no_verify)
+    _need_directory(args.dir)
+    listing = _list(args.dir)
+    rows = _rows(args.dir, listing, check=not args.no_verify)
     if args.json:
         print(json.dumps(rows, indent=1))
-    else:
+    elif rows:
         cols = ["name", "reason", "iteration", "epoch", "score", "size", "age_s"]
         _print_table(rows, cols + ([] if args.no_verify else ["verified"]))
-    return 0
+    if not rows and not listing.missing:
+        _warn("ls", _no_checkpoint(args.dir, listing))
+    if listing.missing:
+        _warn(
+            "ls",
+            f"listed in the manifest but missing: {', '.join(listing.missing)} (deleted or moved after they were "
+            "saved; async-ckpt verify fails on them)",
+        )
+    return EXIT_OK
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    if os.path.isdir(args.path):
-        paths = [os.path.join(args.path, r["name"]) for r in _rows(args.path, check=False)]
+    path: str = args.path
+    if os.path.isdir(path):
+        listing = _list(path)
+        names = sorted(listing.names + listing.missing)
+        if not names:
+            if args.json:
+                print("[]")
+            _warn("verify", _no_checkpoint(path, listing, ", nothing to verify"))
+            return EXIT_CHECKPOINT
+        results = [verify(os.path.join(path, n)) for n in names]
+    elif os.path.exists(path):
+        results = [verify(path)]
     else:
-        paths = [args.path]
-    results = [verify(p) for p in paths]
+        directory, name = os.path.split(path)
+        listed = os.path.isdir(directory or ".") and name in read_manifest(directory or ".")["files"]
+        why = (
+            f"the manifest of {directory or '.'} lists it, so it was deleted or moved after it was saved"
+            if listed
+            else "pass a checkpoint file or the directory your saver writes to (its save_dir)"
+        )
+        raise _UsageError(f"{path} does not exist: {why}")
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=1, default=str))
     else:
         for r in results:
             status = "ok  " if r.ok else "FAIL"
-            print(f"{status} {r.path} [{', '.join(r.checked)}]" + (f": {'; '.join(r.problems)}" if r.problems else ""))
+            print(f"{status} {r.path} [{', '.join(r.checked)}]" + (f": {_problems(r)}" if r.problems else ""))
         print(f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed")
-    return 0 if results and all(r.ok for r in results) else 1
+    failed = sum(not r.ok for r in results)
+    if failed:
+        where = path if os.path.isdir(path) else os.path.dirname(path) or "."
+        _warn("verify", f"{failed} of {len(results)} failed. {_RESUME_HINT} (async-ckpt latest --full {where}).")
+        return EXIT_CHECKPOINT
+    return EXIT_OK
+
+
+def _why_none(args: argparse.Namespace, listing: _Listing, search: LatestSearch) -> str:
+    """Why ``latest`` found no checkpoint, naming what the directory does hold."""
+    kind = f"{args.reason} " if args.reason else ""
+    if not listing.names and not listing.missing:
+        return _no_checkpoint(args.dir, listing)
+    if search.skipped:
+        reasons = "; ".join(f"{os.path.basename(r.path)}: {_problems(r)}" for r in search.skipped)
+        message = f"no complete {kind}checkpoint in {args.dir}; every candidate fails its check: {reasons}"
+    else:
+        by_reason: dict[str, list[str]] = {}
+        for name in sorted(listing.files):
+            by_reason.setdefault(str(listing.files[name].get("reason")), []).append(name)
+        unlisted = [n for n in listing.names if n not in listing.files]
+        held = [f"{r}: {', '.join(names)}" for r, names in sorted(by_reason.items())]
+        if unlisted:
+            held.append(f"{len(unlisted)} file(s) the manifest does not list, so with no recorded reason")
+        message = (
+            f"no {kind}checkpoint in {args.dir}: the manifest lists none saved for reason {args.reason!r}. "
+            f"It holds {'; '.join(held)}"
+        )
+    if args.reason:
+        other = find_latest(args.dir, full_check=args.full).path
+        if other is not None:
+            message += f". The newest complete checkpoint of any reason is {other} (drop --reason to get it)"
+    return message
 
 
 def _cmd_latest(args: argparse.Namespace) -> int:
-    if not os.path.isdir(args.dir):
-        print(f"async-ckpt: {args.dir!r} is not a directory", file=sys.stderr)
-        return 2
-    path = latest_checkpoint(args.dir, reason=args.reason, full_check=args.full)
-    if path is None:
-        print(f"no complete checkpoint in {args.dir}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+    _need_directory(args.dir)
+    listing = _list(args.dir)
+    search = find_latest(args.dir, reason=args.reason, full_check=args.full)
+    error = None if search.path is not None else _why_none(args, listing, search)
+    if args.json:
+        skipped = [{"path": r.path, "problems": r.problems} for r in search.skipped]
+        print(json.dumps({"path": search.path, "info": search.info, "skipped": skipped, "error": error}, indent=1))
+    elif search.path is not None:
+        print(search.path)
+    if error is not None:
+        _warn("latest", error)
+        return EXIT_CHECKPOINT
+    for r in search.skipped:
+        _warn("latest", f"skipped {r.path}: {_problems(r)}")
+    return EXIT_OK
 
 
 def _cmd_bench(rest: list[str]) -> int:
@@ -108,38 +246,60 @@ def _cmd_bench(rest: list[str]) -> int:
     try:
         stall = importlib.import_module("benchmarks.stall")
     except ImportError:
-        print("async-ckpt bench runs benchmarks/stall.py from a source checkout: cd into it first.", file=sys.stderr)
-        return 2
+        _warn("bench", "it runs benchmarks/stall.py from a source checkout: cd into the checkout first")
+        return EXIT_USAGE
     return int(stall.main(rest))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``async-ckpt`` command; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        return _cmd_bench(argv[1:])
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="async-ckpt", description="Inspect and verify checkpoint directories written by async_ckpt (read-only)."
+        prog="async-ckpt",
+        description="Inspect and verify checkpoint directories written by async_ckpt (read-only).",
+        epilog="Exit status: 0 ok, 1 a checkpoint problem, 2 a usage or path problem.",
     )
     parser.add_argument("--version", action="version", version=f"async-ckpt {__version__}")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("ls", help="list checkpoints: name, step, score, size, age, verified")
     p.add_argument("dir")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="a JSON list with one object per file")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC check of every file")
     p.set_defaults(func=_cmd_ls)
     p = sub.add_parser("verify", help="check files against the manifest and their CRCs; exit 1 if any fails")
     p.add_argument("path", help="a checkpoint file or a directory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="a JSON list with one object per file")
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("latest", help="print the newest complete checkpoint of a directory")
     p.add_argument("dir")
     p.add_argument("--reason", choices=["interval", "key_metric", "final"])
     p.add_argument("--full", action="store_true", help="re-read every record of the candidate")
+    p.add_argument("--json", action="store_true", help="a JSON object: path, info, skipped, error")
     p.set_defaults(func=_cmd_latest)
     sub.add_parser("bench", help="run the stall benchmark (benchmarks/stall.py; pass its options after 'bench')")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``async-ckpt`` command.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: :data:`EXIT_OK`, :data:`EXIT_CHECKPOINT` or :data:`EXIT_USAGE`.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _cmd_bench(argv[1:])
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2, already explained on stderr)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help()
-        return 0
-    return int(args.func(args))
+        return EXIT_OK
+    try:
+        return int(args.func(args))
+    except _UsageError as exc:
+        _warn(args.command, str(exc))
+        return EXIT_USAGE

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
-from async_ckpt.integrity import read_manifest, verify
+from async_ckpt.integrity import VerifyResult, read_manifest, verify
 from async_ckpt.storage import _HOST, TMP_MARKER, temp_owner
 
-__all__ = ["latest_checkpoint", "remove_stale_temp_files", "saved_items"]
+__all__ = ["LatestSearch", "find_latest", "latest_checkpoint", "remove_stale_temp_files", "saved_items"]
 
 logger = logging.getLogger("async_ckpt")
 
@@ -54,40 +55,66 @@ def remove_stale_temp_files(save_dir: str) -> list[str]:
     return removed
 
 
-def latest_checkpoint(
+@dataclass
+class LatestSearch:
+    """What :func:`find_latest` found, and what it rejected on the way (for messages that say why).
+
+    Attributes:
+        path: the newest complete checkpoint, or ``None``.
+        info: its manifest entry (empty for a file the manifest does not list).
+        skipped: the candidates newer than ``path`` (all of them when ``path`` is ``None``) that failed their
+            check, newest first, each with its problems.
+    """
+
+    path: str | None
+    info: dict[str, Any] = field(default_factory=dict)
+    skipped: list[VerifyResult] = field(default_factory=list)
+
+
+def find_latest(
     save_dir: str, *, reason: str | None = None, full_check: bool = False, suffix: str = ".pt"
-) -> str | None:
-    """The newest complete checkpoint in ``save_dir``, or ``None``.
+) -> LatestSearch:
+    """The newest complete checkpoint in ``save_dir``, with the newer candidates that failed their check.
 
     Candidates are ordered newest first: files recorded in the directory's manifest by the time they became
     durable, other ``suffix`` files (written by another tool, or by us just before a crash that preceded the
-    manifest update) by modification time. A listed file must match the manifest (size and checksum; with
-    ``full_check``, every record's CRC too); an unlisted one must pass the record CRC check. Failures are skipped.
+    manifest update) by modification time. A listed file must be present and match the manifest (size and
+    checksum; with ``full_check``, every record's CRC too); an unlisted one must pass the record CRC check.
 
     Args:
-        save_dir: the checkpoint directory.
-        reason: only files saved for this reason (``"interval"``, ``"key_metric"``, ``"final"``).
+        save_dir: the checkpoint directory (a missing one has no checkpoint).
+        reason: only files saved for this reason (``"interval"``, ``"key_metric"``, ``"final"``); only the
+            manifest records reasons, so unlisted files are left out.
         full_check: re-read every record of manifest-listed files too.
         suffix: file name suffix of checkpoints.
     """
     if not os.path.isdir(save_dir):
-        return None
+        return LatestSearch(None)
     files: dict[str, Any] = read_manifest(save_dir)["files"]
     candidates: list[tuple[float, str, bool]] = []
-    for name in os.listdir(save_dir):
-        path = os.path.join(save_dir, name)
-        entry = files.get(name)
-        if entry is not None:
-            if reason is None or entry.get("reason") == reason:
-                candidates.append((float(entry.get("saved_at", 0.0)), path, True))
-        elif reason is None and name.endswith(suffix) and TMP_MARKER not in name and os.path.isfile(path):
-            # Not in the manifest: written by another tool, or by us just before a crash that came before the
-            # manifest update. Ordered by modification time, and it must pass the record CRC check.
-            candidates.append((os.path.getmtime(path), path, False))
+    for name, entry in files.items():
+        if reason is None or entry.get("reason") == reason:
+            candidates.append((float(entry.get("saved_at", 0.0)), os.path.join(save_dir, name), True))
+    if reason is None:
+        for name in os.listdir(save_dir):
+            path = os.path.join(save_dir, name)
+            if name not in files and name.endswith(suffix) and TMP_MARKER not in name and os.path.isfile(path):
+                # Written by another tool, or by us just before a crash that came before the manifest update.
+                candidates.append((os.path.getmtime(path), path, False))
+    skipped: list[VerifyResult] = []
     for _, path, listed in sorted(candidates, reverse=True):
-        if verify(path, records=full_check or not listed).ok:
-            return path
-    return None
+        result = verify(path, records=full_check or not listed)
+        if result.ok:
+            return LatestSearch(path, result.info, skipped)
+        skipped.append(result)
+    return LatestSearch(None, skipped=skipped)
+
+
+def latest_checkpoint(
+    save_dir: str, *, reason: str | None = None, full_check: bool = False, suffix: str = ".pt"
+) -> str | None:
+    """The newest complete checkpoint in ``save_dir``, or ``None`` (see :func:`find_latest` for the rules)."""
+    return find_latest(save_dir, reason=reason, full_check=full_check, suffix=suffix).path
 
 
 def saved_items(save_dir: str, reason: str, prefix: str) -> list[tuple[Any, str]]:

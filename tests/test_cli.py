@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -18,7 +20,7 @@ import pytest
 import torch
 from conftest import RETENTION, checkpoint_names, flip_tensor_byte, make_training
 
-from async_ckpt import AsyncCheckpointSaver
+from async_ckpt import AsyncCheckpointSaver, FileStorage
 from async_ckpt.cli import main
 from async_ckpt.integrity import MANIFEST_NAME
 
@@ -33,16 +35,24 @@ EXPECTED = [
 ROW_FIELDS = {"name", "reason", "iteration", "epoch", "score", "size", "age_s", "in_manifest", "verified", "problems"}
 
 
-@pytest.fixture
-def ckpt_dir(tmp_path: Path) -> Path:
-    """A directory after a 4-epoch run: interval (keep 2), best key metric and final checkpoints."""
-    save_dir = tmp_path / "ckpt"
+@pytest.fixture(scope="module")
+def pristine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory after a 4-epoch run: interval (keep 2), best key metric and final checkpoints (built once)."""
+    save_dir = tmp_path_factory.mktemp("pristine") / "ckpt"
     t = make_training()
     with AsyncCheckpointSaver(str(save_dir), t.save_dict, **{**RETENTION, "key_metric_n_saved": 1}) as saver:
         saver.attach(t.engine)
         t.engine.run(t.data, max_epochs=4)
     assert checkpoint_names(save_dir) == EXPECTED
     return save_dir
+
+
+@pytest.fixture
+def ckpt_dir(pristine_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the pristine run's directory (files and manifest, modification times kept)."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(pristine_dir, copy)
+    return copy
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, int, int]]:
@@ -170,15 +180,13 @@ def test_verify_directory_passes_then_fails_naming_the_damaged_file(
 
 
 def test_verify_single_file(ckpt_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``verify FILE`` checks just that file; a missing file fails; a plain ``torch.save`` file is checked by CRCs."""
+    """``verify FILE`` checks just that file; a plain ``torch.save`` file is checked by its record CRCs only."""
     target = ckpt_dir / "checkpoint_epoch=3.pt"
     before = snapshot(ckpt_dir)
     assert main(["verify", str(target)]) == 0
     assert snapshot(ckpt_dir) == before
     out = capsys.readouterr().out.splitlines()
     assert out == [f"ok   {target} [manifest, records]", "1 passed, 0 failed"]
-    assert main(["verify", str(ckpt_dir / "nothing.pt")]) == 1
-    assert "missing" in capsys.readouterr().out
     plain = tmp_path / "plain.pt"
     torch.save({"w": torch.ones(4)}, plain)
     assert main(["verify", str(plain)]) == 0
@@ -186,7 +194,7 @@ def test_verify_single_file(ckpt_dir: Path, tmp_path: Path, capsys: pytest.Captu
 
 
 def test_latest_prints_the_newest_checkpoint(ckpt_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``latest DIR`` prints the newest complete checkpoint, ``--reason`` narrows it, and an empty dir exits 1."""
+    """``latest DIR`` prints the newest complete checkpoint and ``--reason`` narrows it to one reason."""
     before = snapshot(ckpt_dir)
     assert main(["latest", str(ckpt_dir)]) == 0
     assert capsys.readouterr().out == f"{ckpt_dir / 'checkpoint_final_iteration=12.pt'}\n"
@@ -195,21 +203,214 @@ def test_latest_prints_the_newest_checkpoint(ckpt_dir: Path, capsys: pytest.Capt
     assert main(["latest", "--full", "--reason", "key_metric", str(ckpt_dir)]) == 0
     assert capsys.readouterr().out == f"{ckpt_dir / 'checkpoint_key_metric=0.7000.pt'}\n"
     assert snapshot(ckpt_dir) == before
-    empty = ckpt_dir.parent / "empty"
-    empty.mkdir()
-    assert main(["latest", str(empty)]) == 1
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert "no complete checkpoint" in captured.err
 
 
-@pytest.mark.parametrize("command", ["ls", "latest"])
-def test_non_directory_argument_exits_2_with_a_message(
-    command: str, ckpt_dir: Path, capsys: pytest.CaptureFixture[str]
+# -- bad input, as a new user gives it ------------------------------------------------------------------------------
+
+FINAL = "checkpoint_final_iteration=12.pt"
+KEY = "checkpoint_key_metric=0.7000.pt"
+TRUNCATED_TO = 1000
+
+
+def damage(case: str, directory: Path, tmp_path: Path) -> dict[str, str]:
+    """Put ``directory`` (a copy of the pristine run) or a sibling into the state ``case`` names; return the
+    placeholders the table below uses (``{d}``: the run's directory; others: the path under test)."""
+    names = {"d": str(directory), "size": str((directory / "checkpoint_epoch=4.pt").stat().st_size)}
+    if case == "nonexistent":
+        names["p"] = str(tmp_path / "no-such-dir")
+    elif case == "file":
+        names["p"] = str(directory / "checkpoint_epoch=3.pt")
+    elif case in ("empty", "temp_only"):
+        (tmp_path / case).mkdir()
+        names["p"] = str(tmp_path / case)
+        if case == "temp_only":
+            shutil.copyfile(
+                directory / "checkpoint_epoch=3.pt",
+                tmp_path / case / os.path.basename(FileStorage.temp_path("checkpoint_epoch=3.pt")),
+            )
+    elif case == "truncated":
+        os.truncate(directory / "checkpoint_epoch=4.pt", TRUNCATED_TO)
+        names["p"] = str(directory / "checkpoint_epoch=4.pt")
+    elif case == "flipped":
+        flip_tensor_byte(directory / KEY)
+        names["p"] = str(directory / KEY)
+    elif case == "listed_missing":
+        os.unlink(directory / FINAL)
+        names["p"] = str(directory / FINAL)
+    elif case == "no_final":  # a run without save_final: no such file, no such manifest entry
+        os.unlink(directory / FINAL)
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        del manifest["files"][FINAL]
+        (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    else:
+        raise AssertionError(case)
+    return names
+
+
+# (case, argv, exit status, stdout fragments, stderr fragments); "~" starts a regular expression.
+BAD_INPUTS: list[tuple[str, list[str], int, list[str], list[str]]] = [
+    ("nonexistent", ["ls", "{p}"], 2, [], ["async-ckpt ls: {p} does not exist"]),
+    ("nonexistent", ["verify", "{p}"], 2, [], ["async-ckpt verify: {p} does not exist"]),
+    ("nonexistent", ["latest", "{p}"], 2, [], ["async-ckpt latest: {p} does not exist"]),
+    ("nonexistent", ["latest", "--json", "{p}"], 2, [], ["{p} does not exist"]),
+    ("file", ["ls", "{p}"], 2, [], ["{p} is a file, not a directory", "async-ckpt verify {p}"]),
+    ("file", ["latest", "{p}"], 2, [], ["{p} is a file, not a directory", "async-ckpt verify {p}"]),
+    ("empty", ["ls", "{p}"], 0, [], ["no checkpoint in {p}", "saver's save_dir"]),
+    ("empty", ["verify", "{p}"], 1, [], ["no checkpoint in {p}", "nothing to verify"]),
+    ("empty", ["latest", "{p}"], 1, [], ["no checkpoint in {p}", "saver's save_dir"]),
+    ("temp_only", ["ls", "{p}"], 0, [], ["no checkpoint in {p}", "1 temporary file of an unfinished write"]),
+    ("temp_only", ["verify", "{p}"], 1, [], ["no checkpoint in {p}", "1 temporary file of an unfinished write"]),
+    ("temp_only", ["latest", "{p}"], 1, [], ["no checkpoint in {p}", "1 temporary file of an unfinished write"]),
+    (
+        "truncated",
+        ["verify", "{d}"],
+        1,
+        ["FAIL {p} [manifest, records]: size 1000 B vs {size} B in the manifest (truncated)", "3 passed, 1 failed"],
+        ["latest --full"],
+    ),
+    ("truncated", ["verify", "{p}"], 1, ["FAIL {p} [manifest, records]: size 1000 B vs {size} B"], []),
+    ("truncated", ["ls", "{d}"], 0, ["~checkpoint_epoch=4.pt .*1000 B .*False"], []),
+    (
+        "truncated",
+        ["latest", "--reason", "interval", "{d}"],
+        0,
+        ["{d}/checkpoint_epoch=3.pt"],
+        ["skipped {p}: size 1000 B vs {size} B in the manifest (truncated)"],
+    ),
+    (
+        "flipped",
+        ["verify", "{p}"],
+        1,
+        [
+            r"~FAIL .* record '[^']+/data/\d+' fails its CRC-32 "
+            r"\(0x[0-9a-f]{8} read, 0x[0-9a-f]{8} in the zip directory\)"
+        ],
+        [],
+    ),
+    (
+        "flipped",
+        ["latest", "--full", "--reason", "key_metric", "{d}"],
+        1,
+        [],
+        ["no complete key_metric checkpoint in {d}", f"{KEY}: record", "fails its CRC-32"],
+    ),
+    ("listed_missing", ["verify", "{d}"], 1, ["FAIL {p} [manifest]: listed in the manifest but missing"], []),
+    ("listed_missing", ["verify", "{p}"], 2, [], ["{p} does not exist", "the manifest of {d} lists it"]),
+    ("listed_missing", ["ls", "{d}"], 0, ["checkpoint_epoch=4.pt"], [f"listed in the manifest but missing: {FINAL}"]),
+    ("listed_missing", ["latest", "{d}"], 0, ["{d}/checkpoint_epoch=4.pt"], ["skipped {p}: listed in the manifest"]),
+    (
+        "listed_missing",
+        ["latest", "--reason", "final", "{d}"],
+        1,
+        [],
+        ["no complete final checkpoint in {d}", f"{FINAL}: listed in the manifest but missing"],
+    ),
+    (
+        "no_final",
+        ["latest", "--reason", "final", "{d}"],
+        1,
+        [],
+        [
+            "no final checkpoint in {d}",
+            "interval: checkpoint_epoch=3.pt, checkpoint_epoch=4.pt",
+            f"key_metric: {KEY}",
+            "The newest complete checkpoint of any reason is {d}/checkpoint_epoch=4.pt",
+        ],
+    ),
+    ("no_final", ["latest", "--reason", "best", "{d}"], 2, [], ["invalid choice: 'best'"]),
+]
+
+
+def check_output(text: str, fragments: list[str], names: dict[str, str]) -> None:
+    """Every fragment (after placeholder substitution) occurs in ``text``; "~" fragments are regular expressions."""
+    for fragment in fragments:
+        if fragment.startswith("~"):
+            assert re.search(fragment[1:], text), f"{fragment[1:]!r} not in:\n{text}"
+        else:
+            assert fragment.format(**names) in text, f"{fragment.format(**names)!r} not in:\n{text}"
+
+
+@pytest.mark.parametrize(
+    ("case", "argv", "status", "out", "err"), BAD_INPUTS, ids=[f"{c[0]}-{'-'.join(c[1][:-1])}" for c in BAD_INPUTS]
+)
+def test_bad_input_gives_the_documented_status_and_says_what_is_wrong(
+    case: str,
+    argv: list[str],
+    status: int,
+    out: list[str],
+    err: list[str],
+    ckpt_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """``ls``/``latest`` on a file or a missing path exit 2 and say it is not a directory."""
-    for path in (ckpt_dir / "checkpoint_epoch=3.pt", ckpt_dir / "missing"):
-        assert main([command, str(path)]) == 2
-        captured = capsys.readouterr()
+    """Each subcommand on each kind of bad input exits 0 / 1 (a checkpoint problem) / 2 (a usage or path problem)
+    and says on stderr what is wrong and what to do; a status of 2 prints nothing on stdout."""
+    names = damage(case, ckpt_dir, tmp_path)
+    before = snapshot(ckpt_dir)
+    assert main([a.format(**names) for a in argv]) == status
+    captured = capsys.readouterr()
+    assert snapshot(ckpt_dir) == before
+    check_output(captured.out, out, names)
+    check_output(captured.err, err, names)
+    if status == 2:
         assert captured.out == ""
-        assert "is not a directory" in captured.err and str(path) in captured.err
+    if status != 0 or err:
+        assert captured.err.strip(), "no reason given on stderr"
+
+
+LATEST_FIELDS = {"path", "info", "skipped", "error"}
+VERIFY_FIELDS = {"path", "ok", "checked", "problems", "info"}
+
+
+def test_every_subcommand_has_json_output_with_a_stable_shape(
+    ckpt_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ls``, ``verify`` and ``latest`` all take ``--json`` and print the documented fields, also when they exit 1."""
+    assert main(["ls", "--json", str(ckpt_dir)]) == 0
+    assert all(set(r) == ROW_FIELDS for r in json.loads(capsys.readouterr().out))
+    assert main(["verify", "--json", str(ckpt_dir)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [set(r) for r in results] == [VERIFY_FIELDS] * len(EXPECTED)
+    assert main(["latest", "--json", str(ckpt_dir)]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert set(found) == LATEST_FIELDS
+    assert found["path"] == str(ckpt_dir / FINAL)
+    assert (found["info"]["reason"], found["info"]["iteration"], found["skipped"], found["error"]) == (
+        "final",
+        12,
+        [],
+        None,
+    )
+    # Nothing found: exit 1, the same shape, the reason in "error" and each rejected candidate in "skipped".
+    os.unlink(ckpt_dir / FINAL)
+    assert main(["latest", "--json", "--reason", "final", str(ckpt_dir)]) == 1
+    captured = capsys.readouterr()
+    missing = json.loads(captured.out)
+    assert set(missing) == LATEST_FIELDS
+    assert (missing["path"], missing["info"]) == (None, {})
+    assert missing["error"] and missing["error"] in captured.err
+    assert [s["path"] for s in missing["skipped"]] == [str(ckpt_dir / FINAL)]
+    assert "listed in the manifest but missing" in missing["skipped"][0]["problems"][0]
+    # verify --json lists the missing file as a failed result.
+    assert main(["verify", "--json", str(ckpt_dir)]) == 1
+    failed = [r for r in json.loads(capsys.readouterr().out) if not r["ok"]]
+    assert [(r["path"], r["checked"]) for r in failed] == [(str(ckpt_dir / FINAL), ["manifest"])]
+
+
+def test_console_script_and_module_report_bad_input_like_main(ckpt_dir: Path, tmp_path: Path) -> None:
+    """The installed ``async-ckpt`` script and ``python -m async_ckpt`` give main's exit status and messages."""
+    script = str(Path(sys.executable).with_name("async-ckpt"))
+    missing = str(tmp_path / "no-such-dir")
+    flip_tensor_byte(ckpt_dir / KEY)
+    procs = [
+        subprocess.Popen([script, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in (["verify", missing], ["latest", "--json", "--full", "--reason", "key_metric", str(ckpt_dir)])
+    ]
+    procs.append(run_module("ls", str(missing), cwd=tmp_path))
+    (vcode, vout, verr), (lcode, lout, lerr), (mcode, mout, merr) = (finish(p) for p in procs)
+    assert (vcode, vout) == (2, "") and f"async-ckpt verify: {missing} does not exist" in verr
+    assert (mcode, mout) == (2, "") and f"async-ckpt ls: {missing} does not exist" in merr
+    assert lcode == 1
+    result = json.loads(lout)
+    assert result["path"] is None and result["error"] in lerr
+    assert [s["path"] for s in result["skipped"]] == [str(ckpt_dir / KEY)]

@@ -178,7 +178,8 @@ def test_verify_fails_for_a_file_swapped_for_another_valid_checkpoint(tmp_path: 
     assert victim2.stat().st_size == (tmp_path / names[2]).stat().st_size
     result2 = verify(str(victim2))
     assert not result2.ok
-    assert result2.problems == ["central directory checksum differs from the manifest"]
+    assert len(result2.problems) == 1 and "central directory" in result2.problems[0], result2.problems
+    assert "replaced or rewritten after it was saved" in result2.problems[0]
 
 
 def test_verify_rejects_a_temporary_file(tmp_path: Path) -> None:
@@ -195,7 +196,49 @@ def test_verify_of_a_missing_file_fails(tmp_path: Path) -> None:
     """A path with no file fails (it is not silently 'ok')."""
     result = verify(str(tmp_path / "nothing.pt"))
     assert not result.ok
-    assert result.problems == ["missing"]
+    assert result.problems == ["missing: no file at this path"]
+    assert result.checked == []
+
+
+def test_verify_of_a_file_the_manifest_lists_but_is_gone_says_so(tmp_path: Path) -> None:
+    """A listed file that is gone fails after the manifest check alone, saying the manifest lists it."""
+    names = run_interval(tmp_path, max_epochs=2)
+    entry = read_manifest(str(tmp_path))["files"][names[0]]
+    os.unlink(tmp_path / names[0])
+    result = verify(str(tmp_path / names[0]))
+    assert (result.ok, result.checked, result.info) == (False, ["manifest"], entry)
+    assert result.problems == ["listed in the manifest but missing: no file at this path"]
+
+
+def test_verify_problems_name_the_sizes_and_the_checksums_that_differ(tmp_path: Path) -> None:
+    """A truncated file's problem gives both sizes; a flipped byte's gives the record and both CRC-32s, once."""
+    names = run_interval(tmp_path)
+    cut, flipped = tmp_path / names[-1], tmp_path / names[0]
+    size = cut.stat().st_size
+    os.truncate(cut, 1000)
+    problems = verify(str(cut)).problems
+    assert problems[0] == f"size 1000 B vs {size} B in the manifest (truncated)", problems
+    assert len(problems) == 2 and "end-of-central-directory" in problems[1], problems  # said once, not per check
+    flip_tensor_byte(flipped)
+    with zipfile.ZipFile(flipped) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size > 0)
+    (problem,) = verify(str(flipped)).problems
+    match = re.fullmatch(
+        rf"record '{re.escape(info.filename)}' fails its CRC-32 \(0x([0-9a-f]{{8}}) read, 0x{info.CRC:08x} in the zip "
+        r"directory\): its bytes changed after it was written",
+        problem,
+    )
+    assert match is not None, problem
+    assert int(match.group(1), 16) != info.CRC
+
+
+def test_verify_of_a_file_that_is_not_a_zip_archive_says_so(tmp_path: Path) -> None:
+    """A ``.pt`` file that is not a zip archive (a text file, a legacy pickle) fails with one clear problem."""
+    bogus = tmp_path / "notes.pt"
+    bogus.write_text("not a checkpoint\n")
+    result = verify(str(bogus))
+    assert (result.ok, result.checked) == (False, ["records"])
+    assert result.problems == ["not a readable zip archive (truncated, or torch.save did not write it)"]
 
 
 def test_plain_torch_save_file_is_checked_by_record_crcs_only(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from monai.handlers import CheckpointSaver
 
 from async_ckpt import AsyncCheckpointSaver, FileStorage
 from async_ckpt.integrity import MANIFEST_NAME, read_manifest
-from async_ckpt.resume import latest_checkpoint, remove_stale_temp_files
+from async_ckpt.resume import find_latest, latest_checkpoint, remove_stale_temp_files
 from async_ckpt.storage import TMP_MARKER, temp_owner
 
 
@@ -317,6 +317,25 @@ def test_latest_checkpoint_orders_files_outside_the_manifest_by_mtime(tmp_path: 
     os.utime(tmp_path / "c.pt", (saved_at + 3600, saved_at + 3600))
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "c.pt")
     assert latest_checkpoint(str(tmp_path), reason="interval") == listed
+
+
+def test_find_latest_names_the_newer_candidates_it_skipped_and_why(tmp_path: Path) -> None:
+    """``find_latest`` returns the path, its manifest entry and each newer candidate it rejected (newest first)."""
+    run_interval_and_key_metric(tmp_path)
+    files = read_manifest(str(tmp_path))["files"]
+    os.unlink(tmp_path / "checkpoint_epoch=4.pt")
+    os.truncate(tmp_path / "checkpoint_epoch=3.pt", 1000)
+    found = find_latest(str(tmp_path), reason="interval")
+    assert (found.path, found.info) == (str(tmp_path / "checkpoint_epoch=2.pt"), files["checkpoint_epoch=2.pt"])
+    assert [(os.path.basename(r.path), r.problems[0]) for r in found.skipped] == [
+        ("checkpoint_epoch=4.pt", "listed in the manifest but missing: no file at this path"),
+        (
+            "checkpoint_epoch=3.pt",
+            f"size 1000 B vs {files['checkpoint_epoch=3.pt']['size']} B in the manifest (truncated)",
+        ),
+    ]
+    nothing = find_latest(str(tmp_path), reason="final")
+    assert (nothing.path, nothing.info, nothing.skipped) == (None, {}, [])
 
 
 # -- stale temporary files ---------------------------------------------------------------------------------------

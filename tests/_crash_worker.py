@@ -2,7 +2,7 @@
 
 Usage: ``python _crash_worker.py MODE DIR [ARGS...]`` with MODE one of
 
-``crash DIR SEED ITERATIONS [FSYNC_DELAY]``
+``crash DIR SEED ITERATIONS [FSYNC_DELAY [DIRECT_IO]]``
     Train with an asynchronous saver that saves every iteration (top-2) and the best model under a fixed name, and
     print one JSON line per iteration with the checkpoints the saver reported durable since the previous line, and
     one line before each file operation of the writer.
@@ -60,10 +60,11 @@ class Tag:
 
 class ReportingStorage(SlowStorage):
     """The real disk, plus a line before every file operation (so that a kill can land between any two of them),
-    and optionally a simulated fsync latency (``fsync_delay`` 0: none)."""
+    and optionally a simulated fsync latency (``fsync_delay`` 0: none). ``direct_io`` as in ``FileStorage``."""
 
-    def __init__(self, emit: Callable[[str], None], fsync_delay: float) -> None:
+    def __init__(self, emit: Callable[[str], None], fsync_delay: float, direct_io: bool | str = "auto") -> None:
         super().__init__(fsync_delay)
+        self.direct_io = direct_io  # type: ignore[assignment]
         self.emit = emit
 
     def _report(self, op: str, path: str) -> None:
@@ -89,6 +90,14 @@ class ReportingStorage(SlowStorage):
         self._report("unlink", path)
         super()._unlink(path)
 
+    def _open_direct(self, path: str) -> int:
+        self._report("open_direct", path)
+        return super()._open_direct(path)
+
+    def _pwrite_direct(self, fd: int, view: memoryview, offset: int) -> int:
+        self._report("pwrite_direct", "")
+        return super()._pwrite_direct(fd, view, offset)
+
 
 def build(width: int, batches: int, fail_at: int | None = None) -> tuple[Engine, dict[str, Any], list[torch.Tensor]]:
     """A seeded MLP with Adam and a ``Tag``; the step records the iteration it finished in the tag."""
@@ -105,11 +114,19 @@ def build(width: int, batches: int, fail_at: int | None = None) -> tuple[Engine,
     return Engine(step), {"net": net, "opt": opt, "tag": tag}, data
 
 
-def crash(dirname: str, seed: int, iterations: int, emit: Callable[[str], None], fsync_delay: float = 0.0) -> None:
+def crash(
+    dirname: str,
+    seed: int,
+    iterations: int,
+    emit: Callable[[str], None],
+    fsync_delay: float = 0.0,
+    direct_io: bool | str = "auto",
+) -> None:
     """The crash-test training: ``emit`` gets one JSON line per iteration (see the module docstring) and one line
     (``{"op": ...}``) before each file operation of the writer thread.
 
-    ``fsync_delay`` > 0 simulates a slow disk, so that more kills land while a file is being made durable.
+    ``fsync_delay`` > 0 simulates a slow disk, so that more kills land while a file is being made durable;
+    ``direct_io`` chooses the write path (``FileStorage``'s argument).
     """
     lock = threading.Lock()
 
@@ -135,7 +152,7 @@ def crash(dirname: str, seed: int, iterations: int, emit: Callable[[str], None],
         epoch_level=False,
         save_interval=1,
         n_saved=2,
-        storage=ReportingStorage(emit_locked, fsync_delay),
+        storage=ReportingStorage(emit_locked, fsync_delay, direct_io),
     )
     saver.attach(engine)
     key_iterations: list[int] = []  # iteration of each queued best-model save, in queue (= durable) order
@@ -166,9 +183,11 @@ def crash(dirname: str, seed: int, iterations: int, emit: Callable[[str], None],
     saver.close()
 
 
-def crash_child(conn: Connection, dirname: str, seed: int, iterations: int, fsync_delay: float) -> None:
+def crash_child(
+    conn: Connection, dirname: str, seed: int, iterations: int, fsync_delay: float, direct_io: bool | str = "auto"
+) -> None:
     """``crash`` in a forkserver child (the test's fast path): each line is one message on ``conn``."""
-    crash(dirname, seed, iterations, lambda line: conn.send_bytes(line.encode()), fsync_delay)
+    crash(dirname, seed, iterations, lambda line: conn.send_bytes(line.encode()), fsync_delay, direct_io)
     conn.send_bytes(b"DONE")
 
 
@@ -249,7 +268,10 @@ if __name__ == "__main__":
     mode, directory = sys.argv[1], sys.argv[2]
     if mode == "crash":
         delay = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
-        crash(directory, int(sys.argv[3]), int(sys.argv[4]), _print_line, delay)
+        direct: bool | str = (
+            {"true": True, "false": False}.get(sys.argv[6].lower(), "auto") if len(sys.argv) > 6 else "auto"
+        )
+        crash(directory, int(sys.argv[3]), int(sys.argv[4]), _print_line, delay, direct)
     elif mode == "exit-pending":
         exit_pending(directory)
     elif mode == "exit-raise":

@@ -6,7 +6,8 @@ after each iteration with the checkpoints the saver has reported durable, and a 
 the writer thread. The parent reads those lines and SIGKILLs the child after a seeded random number of them:
 reading the child's output is the only synchronization, and the kill lands between any two steps of a write.
 
-``ASYNC_CKPT_CRASH_TRIALS`` sets the number of trials (default 8), ``ASYNC_CKPT_CRASH_SEED`` the base seed.
+The trials are split between the direct (O_DIRECT) and the buffered write path. ``ASYNC_CKPT_CRASH_TRIALS`` sets the
+number of trials in all (default 8), ``ASYNC_CKPT_CRASH_SEED`` the base seed.
 (``python tests/_crash_worker.py crash DIR SEED ITERATIONS`` runs one child by hand, printing to stdout.)
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+from _doubles import direct_io_refusal
 from conftest import load_checkpoint as _load
 
 from async_ckpt.storage import TMP_MARKER
@@ -57,6 +59,7 @@ class Outcome:
     seed: int
     killed: bool
     lines: int
+    direct_writes: int = 0
     files_checked: int = 0
     temp_files: int = 0
     problems: list[str] = field(default_factory=list)
@@ -79,15 +82,16 @@ def _context() -> Any:
     return ctx
 
 
-def _run_and_kill(ctx: Any, directory: Path, seed: int) -> tuple[bool, list[dict[str, Any]]]:
-    """Start a child, read a random number of its lines, SIGKILL it; return (killed, every line it sent)."""
+def _run_and_kill(ctx: Any, directory: Path, seed: int, direct_io: bool) -> tuple[bool, list[dict[str, Any]], int]:
+    """Start a child, read a random number of its lines, SIGKILL it; return (killed, its iteration lines, how many
+    O_DIRECT writes it began)."""
     rng = random.Random(seed)
     kill_after = rng.randint(1, KILL_WITHIN_LINES) + rng.choice([0, 0, 1, 2, 3])  # lines, sometimes a few more
     fsync_delay = rng.choice(FSYNC_DELAYS)
     reader, writer = ctx.Pipe(duplex=False)
     proc = ctx.Process(
         target=_worker_module().crash_child,
-        args=(writer, str(directory), seed, ITERATIONS, fsync_delay),
+        args=(writer, str(directory), seed, ITERATIONS, fsync_delay, direct_io),
         daemon=True,
     )
     proc.start()
@@ -121,7 +125,8 @@ def _run_and_kill(ctx: Any, directory: Path, seed: int) -> tuple[bool, list[dict
     if not killed:
         assert proc.exitcode == 0 and lines[-1:] == [b"DONE"], f"child failed (seed {seed}, exit {proc.exitcode})"
     reports = [json.loads(line) for line in lines if line != b"DONE"]
-    return killed, [r for r in reports if "it" in r]  # the others announce file operations: kill points only
+    direct = sum(r.get("op") == "pwrite_direct" for r in reports)
+    return killed, [r for r in reports if "it" in r], direct  # the others announce file operations: kill points
 
 
 def _consistent(state: Any, iteration: int) -> str | None:
@@ -141,12 +146,12 @@ def _consistent(state: Any, iteration: int) -> str | None:
     return None
 
 
-def _trial(ctx: Any, base: Path, index: int) -> Outcome:
+def _trial(ctx: Any, base: Path, index: int, direct_io: bool) -> Outcome:
     seed = BASE_SEED + index
     directory = base / f"trial{index}"
     directory.mkdir()
-    killed, reports = _run_and_kill(ctx, directory, seed)
-    out = Outcome(seed=seed, killed=killed, lines=len(reports))
+    killed, reports, direct = _run_and_kill(ctx, directory, seed, direct_io)
+    out = Outcome(seed=seed, killed=killed, lines=len(reports), direct_writes=direct)
     _check(directory, reports, out)
     return out
 
@@ -221,18 +226,30 @@ def _check(directory: Path, reports: list[dict[str, Any]], out: Outcome) -> None
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL and a forkserver")
-def test_sigkill_at_random_moments_leaves_only_complete_consistent_checkpoints(tmp_path: Path) -> None:
+@pytest.mark.parametrize("io_path", ["direct", "buffered"])
+def test_sigkill_at_random_moments_leaves_only_complete_consistent_checkpoints(tmp_path: Path, io_path: str) -> None:
     """After a SIGKILL at a random moment, every non-temporary file is a complete, consistent checkpoint and no
-    checkpoint reported durable before the kill is lost (neither the newest interval file nor the best model)."""
+    checkpoint reported durable before the kill is lost (neither the newest interval file nor the best model), on
+    either write path."""
+    direct = io_path == "direct"
+    if direct and (why := direct_io_refusal(tmp_path)) is not None:
+        pytest.skip(why)
+    trials = max(2, TRIALS // 2)  # half of the trials per path: both paths for the time of one
+    first = 0 if direct else trials  # different seeds on the two paths
     ctx = _context()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        outcomes = list(pool.map(lambda i: _trial(ctx, tmp_path, i), range(TRIALS)))
+        outcomes = list(pool.map(lambda i: _trial(ctx, tmp_path, i, direct), range(first, first + trials)))
 
     kills = sum(o.killed for o in outcomes)
     files = sum(o.files_checked for o in outcomes)
     temps = sum(o.temp_files for o in outcomes)
-    print(f"\ncrash-safety: trials={TRIALS} kills={kills} files_checked={files} temp_files_left={temps}")
+    writes = sum(o.direct_writes for o in outcomes)
+    print(
+        f"\ncrash-safety ({io_path}): trials={trials} kills={kills} files_checked={files} temp_files_left={temps} "
+        f"direct_writes={writes}"
+    )
     problems = [f"seed {o.seed} ({o.lines} lines read): {p}" for o in outcomes for p in o.problems]
     assert not problems, "\n".join(problems)
-    assert kills >= max(1, TRIALS // 2), f"only {kills} of {TRIALS} children were killed before they finished"
-    assert files >= TRIALS, "too few checkpoints were on disk to check anything"
+    assert kills >= max(1, trials // 2), f"only {kills} of {trials} children were killed before they finished"
+    assert files >= trials, "too few checkpoints were on disk to check anything"
+    assert (writes > 0) == direct, f"{writes} O_DIRECT writes on the {io_path} path"

@@ -58,12 +58,14 @@ class Decision:
         keep: whether it is worth writing (some rule keeps it).
         evict: kept checkpoints to remove once the new one is durable (oldest first).
         replaced: the kept checkpoint with the same path, which the new file replaces in place (never removed).
+        best: ``keep_best`` keeps it (a caller that may drop saves under load should not drop this one).
     """
 
     entry: Entry
     keep: bool
     evict: tuple[Entry, ...] = ()
     replaced: Entry | None = None
+    best: bool = False
 
 
 class Retention:
@@ -112,29 +114,31 @@ class Retention:
             return -math.inf
         return value if self.mode == "max" else -value
 
-    def _kept(self, candidates: list[Entry]) -> set[int]:
-        """The ``seq`` of every candidate some rule keeps (candidates are oldest first)."""
+    def _kept(self, candidates: list[Entry]) -> tuple[set[int], set[int]]:
+        """The ``seq`` of every candidate some rule keeps, and of those ``keep_best`` keeps (candidates are oldest
+        first)."""
         if self.keep_last is None and self.keep_best is None:
-            return {e.seq for e in candidates}
+            return {e.seq for e in candidates}, set()
         kept: set[int] = set()
+        best: set[int] = set()
         if self.keep_last is not None:
             kept.update(e.seq for e in candidates[-self.keep_last :])
         if self.keep_best is not None:
             # Best first; among equal scores the older save ranks higher (ignite's strict comparison).
             ranked = sorted(candidates, key=lambda e: (-self.score(e), e.seq))
-            kept.update(e.seq for e in ranked[: self.keep_best])
-        return kept
+            best.update(e.seq for e in ranked[: self.keep_best])
+        return kept | best, best
 
     def plan(self, path: str, step: int, metrics: Mapping[str, float] | None = None) -> Decision:
         """Decide for a new checkpoint without changing anything (see :meth:`apply`)."""
         entry = Entry(path, step, dict(metrics or {}), self._next_seq)
         replaced = next((e for e in self._entries if e.path == path), None)
         candidates = [e for e in self._entries if e is not replaced] + [entry]
-        kept = self._kept(candidates)
+        kept, best = self._kept(candidates)
         if entry.seq not in kept:
             return Decision(entry, keep=False)
         evict = tuple(e for e in candidates if e.seq not in kept)
-        return Decision(entry, keep=True, evict=evict, replaced=replaced)
+        return Decision(entry, keep=True, evict=evict, replaced=replaced, best=entry.seq in best)
 
     def apply(self, decision: Decision) -> None:
         """Record a decision from :meth:`plan` whose checkpoint is being written (no-op if it is not kept)."""

@@ -3,7 +3,6 @@ a manifest. ignite's ``Checkpoint`` is the oracle for what keep-best keeps."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -127,6 +126,7 @@ def test_keep_last_and_best_keep_the_union() -> None:
     decision = retention.offer("s3.pt", 3, {"acc": 0.2})
     assert [e.path for e in decision.evict] == ["s2.pt"]
     assert [e.path for e in retention.entries] == ["s1.pt", "s3.pt"]
+    assert not decision.best and retention.plan("s4.pt", 4, {"acc": 0.95}).best
     only_best = Retention(keep_best=1, metric="acc")
     only_best.offer("s1.pt", 1, {"acc": 0.9})
     assert not only_best.offer("s2.pt", 2, {"acc": 0.1}).keep
@@ -197,7 +197,6 @@ def test_entries_from_manifest_orders_by_save_time(tmp_path: Path) -> None:
         "step_1.pt": {"reason": "checkpointer", "saved_at": 2000.0, "metrics": {"acc": 0.7}},
         "gone.pt": {"reason": "checkpointer", "saved_at": 500.0},
     }
-    json.dumps(files)
     entries = entries_from_manifest(str(tmp_path), files, PATTERN, reason="checkpointer")
     assert [(Path(e.path).name, e.step, dict(e.metrics)) for e in entries] == [
         ("step_5.pt", 5, {"acc": 0.5}),

@@ -10,6 +10,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 import struct
 import tempfile
 import zipfile
@@ -22,6 +23,7 @@ import torch
 from _doubles import direct_io_refusal
 from conftest import trees_equal
 
+import async_ckpt.storage as storage_mod
 from async_ckpt import AsyncOptions
 from async_ckpt.integrity import verify
 from async_ckpt.serialize import serialize
@@ -137,6 +139,46 @@ def test_unaligned_memory_goes_buffered_for_that_record_only(direct_dir: Path) -
     times = _write(FileStorage(direct_io=True), path, state)
     assert times.direct_bytes == BIG // A * A  # only "big"
     assert trees_equal(torch.load(path, weights_only=True), state)
+
+
+class CheckedDirect(FileStorage):
+    """Checks, at each O_DIRECT write, what the kernel requires and what keeps the two descriptors apart."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=True, direct_io=True)
+        self.spans: list[tuple[int, int]] = []
+        self.calls: list[str] = []
+
+    def _pwrite_direct(self, fd: int, view: memoryview, offset: int) -> int:
+        assert offset % A == 0 and view.nbytes % A == 0 and storage_mod._address(view) % A == 0
+        # Every buffered byte before the span is flushed, and none lies at or after it: no shared dirty page.
+        assert os.fstat(fd).st_size == offset
+        self.spans.append((offset, view.nbytes))
+        self.calls.append("pwrite-direct")
+        return super()._pwrite_direct(fd, view, offset)
+
+    def _fsync_fd(self, fd: int) -> None:
+        self.calls.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        super()._fsync_fd(fd)
+
+    def _replace(self, src: str, dst: str) -> None:
+        self.calls.append("replace")
+        super()._replace(src, dst)
+
+
+def test_direct_writes_are_aligned_and_follow_flushed_buffered_bytes(direct_dir: Path) -> None:
+    """Each O_DIRECT write has an aligned offset, length and address, and starts exactly where the flushed buffered
+    bytes end, so a page written directly is never one the buffered descriptor has dirty in the page cache; the
+    commit protocol is unchanged (the file is fsynced after the direct writes, then renamed, then the directory)."""
+    area = mmap.mmap(-1, 200 * A)
+    state = _state(area)
+    storage = CheckedDirect()
+    path = direct_dir / "ckpt.pt"
+    _write(storage, path, state)
+    offsets = _data_offsets(path)
+    assert sorted(at for at, _ in storage.spans) == sorted(at for n, at in offsets.items() if n in ("data/0", "data/1"))
+    assert trees_equal(torch.load(path, weights_only=True), state)
+    assert storage.calls == ["pwrite-direct"] * len(storage.spans) + ["fsync-file", "replace", "fsync-dir"]
 
 
 class RefuseOpen(FileStorage):

@@ -1,0 +1,334 @@
+"""The private torch and ignite APIs that async_ckpt relies on still have the shape it uses.
+
+Each test pins one use, by its behaviour where it has one: if torch or ignite changes it, the test fails here on the
+CI's torch and ignite, instead of the package silently falling back to a slower path (plain ``torch.save``) or
+losing correctness (a retention list ignite no longer reads, a file name ignite no longer gives). The last test greps
+the package for private torch and ignite names, so that a new use cannot go unpinned.
+
+DCP (``async_ckpt.sharded``) is pinned in depth by ``tests/test_sharded.py::test_dcp_and_ignite_internals_have_the_
+shape_the_module_uses``; here only the private name that module sets is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import re
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ignite.engine import Engine
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
+
+import async_ckpt.serialize as serialize_module
+from async_ckpt.saver import _ignite_file_name
+from async_ckpt.serialize import serialize
+
+PACKAGE = Path(serialize_module.__file__).parent
+
+
+def parameters(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def local_data_offset(archive: bytes, info: zipfile.ZipInfo) -> int:
+    """Where the data of ``info``'s record starts in ``archive`` (after its local header)."""
+    name_len, extra_len = struct.unpack_from("<HH", archive, info.header_offset + 26)
+    return info.header_offset + 30 + name_len + extra_len
+
+
+# -- torch: the serializer's fast path -------------------------------------------------------------------------------
+
+
+def test_torch_serialization_save_takes_the_arguments_serialize_passes() -> None:
+    """``torch.serialization._save`` takes (obj, zip_file, pickle_module, pickle_protocol, _disable_byteorder_record),
+    so the fast path is on (``_FAST``), not silently replaced by plain ``torch.save``."""
+    assert parameters(torch.serialization._save) == [
+        "obj",
+        "zip_file",
+        "pickle_module",
+        "pickle_protocol",
+        "_disable_byteorder_record",
+    ]
+    assert serialize_module._FAST is True
+
+
+@pytest.mark.parametrize(("compute_crc32", "alignment"), [(False, 4096), (True, 64)])
+def test_pytorch_file_writer_positional_arguments_are_sink_crc_alignment(compute_crc32: bool, alignment: int) -> None:
+    """``torch._C.PyTorchFileWriter(sink, compute_crc32, alignment)``: the second argument turns the record CRCs
+    on or off and the third places every record's data at a multiple of it, as ``_writer_without_crc`` assumes."""
+    sink = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(sink, compute_crc32, alignment)
+    payload = bytes(range(256)) * 4
+    writer.write_record("rec", payload, len(payload))
+    writer.write_end_of_file()
+    archive = sink.getvalue()
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        info = zf.getinfo("archive/rec")
+        assert all(local_data_offset(archive, i) % alignment == 0 for i in zf.infolist())
+    assert local_data_offset(archive, info) > 0
+    assert archive[local_data_offset(archive, info) :][: len(payload)] == payload
+    assert (zlib.crc32(payload) if compute_crc32 else 0) == info.CRC
+
+
+def test_storage_alignment_is_the_one_torch_save_uses() -> None:
+    """``torch.serialization._get_storage_alignment()`` is the alignment of tensor data in ``torch.save``'s files (the
+    fast path passes it to the writer so that its files match)."""
+    alignment = torch.serialization._get_storage_alignment()
+    assert isinstance(alignment, int) and alignment > 0 and alignment & (alignment - 1) == 0
+    out = io.BytesIO()
+    torch.save({"a": torch.arange(5, dtype=torch.uint8), "b": torch.ones(3)}, out)
+    archive = out.getvalue()
+    with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+        data = [i for i in zf.infolist() if "/data/" in i.filename and not i.filename.endswith("serialization_id")]
+    assert len(data) == 2
+    assert all(local_data_offset(archive, i) % alignment == 0 for i in data)
+
+
+def test_serialize_into_a_real_file_uses_the_writer_without_crc(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a real file, ``serialize`` takes the fast path (torch's writer with CRCs off, CRCs computed beside the
+    writes and patched in, each record seen in one write, none read back) and writes ``torch.save``'s records."""
+    patched: list[int] = []
+    real_patch = serialize_module._patch_crcs
+
+    def recording_patch(fd: int, crcs: dict[tuple[int, int], int], size: int) -> None:
+        patched.append(len(crcs))
+        real_patch(fd, crcs, size)
+
+    def no_read_back(fd: int, offset: int, length: int) -> int:
+        raise AssertionError(f"record at {offset} ({length} B) reached the file in several writes and was read back")
+
+    monkeypatch.setattr(serialize_module, "_patch_crcs", recording_patch)
+    monkeypatch.setattr(serialize_module, "_crc_of_range", no_read_back)
+    # One record above the size at which CRC helper threads share the work, and small ones.
+    state = {"big": torch.arange((32 << 20) + 3, dtype=torch.uint8), "w": torch.randn(100), "step": 7}
+    path = tmp_path / "fast.pt"
+    with open(path, "w+b") as f:
+        serialize(state, f)
+    assert patched and patched[0] > 0, "the fast path did not run: serialize fell back to torch.save"
+    reference = io.BytesIO()
+    torch.save(state, reference)
+    with zipfile.ZipFile(path) as ours, zipfile.ZipFile(io.BytesIO(reference.getvalue())) as theirs:
+        assert ours.testzip() is None
+        mine, ref = ours.infolist(), theirs.infolist()
+        assert [(i.filename, i.header_offset, i.file_size) for i in mine] == [
+            (i.filename, i.header_offset, i.file_size) for i in ref
+        ]
+        for a, b in zip(mine, ref, strict=True):
+            if a.filename.endswith("/.data/serialization_id"):
+                continue  # torch derives it from the CRCs its writer computed; ours computed none
+            assert (a.CRC, ours.read(a)) == (b.CRC, theirs.read(b)), a.filename
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["big"], state["big"]) and loaded["step"] == 7
+
+
+# -- torch: the device tagger of staging buffers ---------------------------------------------------------------------
+
+
+def test_register_package_and_its_registry_have_the_shape_the_tagger_uses() -> None:
+    """``register_package(priority, tagger, deserializer)`` adds to ``_package_registry``, a list of (priority,
+    tagger, deserializer) tuples that the staging tagger reads to pick a free priority, and torch.save asks it."""
+    from async_ckpt._staging_buffers import tag, untag
+
+    assert parameters(torch.serialization.register_package) == ["priority", "tagger", "deserializer"]
+    registry = torch.serialization._package_registry
+    assert isinstance(registry, list) and registry
+    assert all(isinstance(e, tuple) and len(e) == 3 and isinstance(e[0], int) for e in registry)
+    buffer = torch.zeros(8)
+    key = tag(buffer, "cuda:3")
+    try:
+        out = io.BytesIO()
+        torch.save({"t": buffer}, out)
+    finally:
+        untag([key])
+    locations: list[str] = []
+
+    def record(storage: Any, location: str) -> Any:
+        locations.append(location)
+        return storage
+
+    out.seek(0)
+    torch.load(out, map_location=record, weights_only=True)
+    assert locations == ["cuda:3"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudart_host_register_is_callable() -> None:
+    """``torch.cuda.cudart()`` exposes ``cudaHostRegister``/``cudaHostUnregister``, which pin the staging arena."""
+    from async_ckpt._staging_buffers import _register_pinned, _unregister_pinned
+
+    buffer = torch.empty(1 << 20, dtype=torch.uint8)
+    _register_pinned(buffer.data_ptr(), buffer.numel())
+    try:
+        assert torch.cuda.cudart().cudaHostRegister is not None
+    finally:
+        _unregister_pinned(buffer.data_ptr())
+
+
+# -- ignite: Checkpoint's retention list and file names --------------------------------------------------------------
+
+
+class RecordingSaveHandler(BaseSaveHandler):
+    """A save handler that only records what ignite's ``Checkpoint`` asks it to save and remove."""
+
+    def __init__(self) -> None:
+        self.saved: list[str] = []
+        self.removed: list[str] = []
+
+    def __call__(self, checkpoint: Any, filename: str, metadata: Any = None) -> None:
+        self.saved.append(filename)
+
+    def remove(self, filename: str) -> None:
+        self.removed.append(filename)
+
+
+def scored(acc: float) -> Engine:
+    engine = Engine(lambda e, b: None)
+    engine.state.iteration, engine.state.epoch = 30, 3
+    engine.state.metrics["acc"] = acc
+    return engine
+
+
+def by_acc(engine: Engine) -> float:
+    return float(engine.state.metrics["acc"])
+
+
+def test_checkpoint_item_is_a_priority_filename_pair() -> None:
+    """``Checkpoint.Item`` is the (priority, filename) named tuple the savers build and sort by its first field."""
+    item = Checkpoint.Item(0.5, "a.pt")
+    assert Checkpoint.Item._fields == ("priority", "filename")
+    assert (item[0], item[1], item.priority, item.filename) == (0.5, "a.pt", 0.5, "a.pt")
+
+
+def test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction() -> None:
+    """A ``_saved`` list assigned as the saver does on resume (and after a failed write) is the one ignite's next call
+    ranks, evicts from and appends to, and ``last_checkpoint`` reads."""
+    handler = RecordingSaveHandler()
+    net = torch.nn.Linear(2, 2)
+    checkpoint = Checkpoint({"net": net}, handler, score_function=by_acc, score_name="acc", n_saved=2)
+    checkpoint._saved = [Checkpoint.Item(0.1, "net_acc=0.1000.pt"), Checkpoint.Item(0.5, "net_acc=0.5000.pt")]
+    checkpoint(scored(0.7))
+    assert handler.removed == ["net_acc=0.1000.pt"]
+    assert handler.saved == ["net_acc=0.7000.pt"]
+    assert list(checkpoint._saved) == [(0.5, "net_acc=0.5000.pt"), (0.7, "net_acc=0.7000.pt")]
+    assert all(isinstance(it, Checkpoint.Item) for it in checkpoint._saved)
+    assert checkpoint.last_checkpoint == "net_acc=0.7000.pt"
+
+
+@pytest.mark.parametrize(
+    ("to_save", "kwargs", "name", "priority"),
+    [
+        ({"net": None}, {"score_function": by_acc, "score_name": "acc"}, "net", 0.7),
+        ({"net": None, "opt": None}, {"score_function": by_acc, "score_name": "acc"}, "checkpoint", 0.7),
+        ({"net": None}, {"filename_prefix": "run", "score_function": by_acc, "score_name": "acc"}, "net", 0.7),
+        ({"net": None}, {"score_function": lambda e: e.state.epoch, "score_name": "epoch"}, "net", 3),
+        ({"net": None}, {"score_function": lambda e: e.state.iteration, "score_name": "final_iteration"}, "net", 30),
+    ],
+)
+def test_get_filename_pattern_gives_the_name_ignite_saves_under(
+    to_save: dict[str, Any], kwargs: dict[str, Any], name: str, priority: float
+) -> None:
+    """``Checkpoint._get_filename_pattern(None)``, formatted as the saver does, is the name ignite's own call saves
+    under (for one object or several, with a prefix, float and integer scores)."""
+    handler = RecordingSaveHandler()
+    objects = {k: torch.nn.Linear(1, 1) for k in to_save}
+    checkpoint = Checkpoint(objects, handler, **kwargs)
+    checkpoint(scored(0.7))
+    assert handler.saved == [_ignite_file_name(checkpoint, name, priority)]
+
+
+@pytest.mark.parametrize("greater_or_equal", [False, True])
+def test_check_lt_n_saved_and_compare_fn_predict_ignites_decision(greater_or_equal: bool) -> None:
+    """``_check_lt_n_saved() or _compare_fn(score)`` (how the sharded saver ranks) is true exactly when ignite's own
+    call saves a checkpoint of that score: fewer than ``n_saved`` kept, or better than (or equal to) the worst."""
+    kept = [Checkpoint.Item(0.5, "a"), Checkpoint.Item(0.9, "b")]
+    for n_kept in (1, 2):
+        for score in (0.4, 0.5, 0.6):
+            handler = RecordingSaveHandler()
+            checkpoint = Checkpoint(
+                {"net": torch.nn.Linear(1, 1)},
+                handler,
+                score_function=by_acc,
+                n_saved=2,
+                greater_or_equal=greater_or_equal,
+            )
+            checkpoint._saved = list(kept[:n_kept])
+            predicted = checkpoint._check_lt_n_saved() or checkpoint._compare_fn(score)
+            checkpoint(scored(score))
+            rule = n_kept < 2 or score > 0.5 or (greater_or_equal and score == 0.5)
+            assert predicted == bool(handler.saved) == rule, (n_kept, score, greater_or_equal)
+    assert Checkpoint({}, RecordingSaveHandler(), score_function=by_acc, n_saved=1)._check_lt_n_saved() is True
+
+
+# -- torch DCP: the one private name async_ckpt.sharded sets ---------------------------------------------------------
+
+
+def test_async_stager_reads_synchronize_after_execute() -> None:
+    """DCP's ``AsyncStager.should_synchronize_after_execute`` is the ``_synchronize_after_execute`` class attribute that
+    the sharded saver's already-staged stager sets to ``False``."""
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    from async_ckpt.sharded import _AlreadyStaged
+
+    class Synchronizing(_AlreadyStaged):
+        _synchronize_after_execute = True
+
+    assert isinstance(inspect.getattr_static(AsyncStager, "should_synchronize_after_execute"), property)
+    assert _AlreadyStaged().should_synchronize_after_execute is False
+    assert Synchronizing().should_synchronize_after_execute is True
+
+
+# -- every private use is pinned ---------------------------------------------------------------------------------------
+
+PINNED = {
+    "torch.serialization._save": test_torch_serialization_save_takes_the_arguments_serialize_passes,
+    "torch._C.PyTorchFileWriter": test_pytorch_file_writer_positional_arguments_are_sink_crc_alignment,
+    "torch.serialization._get_storage_alignment": test_storage_alignment_is_the_one_torch_save_uses,
+    "torch.serialization._package_registry": test_register_package_and_its_registry_have_the_shape_the_tagger_uses,
+    "Checkpoint._saved": test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction,
+    "Checkpoint._get_filename_pattern": test_get_filename_pattern_gives_the_name_ignite_saves_under,
+    "Checkpoint._check_lt_n_saved": test_check_lt_n_saved_and_compare_fn_predict_ignites_decision,
+    "Checkpoint._compare_fn": test_check_lt_n_saved_and_compare_fn_predict_ignites_decision,
+    "AsyncStager._synchronize_after_execute": test_async_stager_reads_synchronize_after_execute,
+}
+# ignite Checkpoint objects by the names the package gives them; DCP attributes the package sets on its subclasses.
+_TORCH = re.compile(r"\btorch(?:\.\w+)+")
+_GETATTR = re.compile(r"""(?:getattr|hasattr)\((torch(?:\.\w+)*), ["'](_\w+)["']""")
+_CHECKPOINT = re.compile(r"\b(?:checkpoint|Checkpoint|_ranking|ranking)\.(_[a-z]\w*)")
+_DCP_SET = {"_synchronize_after_execute": "AsyncStager"}
+
+
+def private_uses() -> dict[str, set[str]]:
+    """Private torch / ignite names used in the package's sources, each with the files that use it."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        names = set()
+        for match in _TORCH.finditer(text):
+            parts = match.group(0).split(".")
+            cut = next((i for i, p in enumerate(parts) if p.startswith("_") and not p.startswith("__")), None)
+            if cut is not None:
+                names.add(".".join(parts[: cut + 2] if parts[cut] == "_C" else parts[: cut + 1]))
+        names |= {f"{m.group(1)}.{m.group(2)}" for m in _GETATTR.finditer(text)}
+        names |= {f"Checkpoint.{m.group(1)}" for m in _CHECKPOINT.finditer(text)}
+        names |= {f"{owner}.{attr}" for attr, owner in _DCP_SET.items() if re.search(rf"\b{attr}\b", text)}
+        for name in names:
+            found.setdefault(name, set()).add(os.path.basename(path))
+    return found
+
+
+def test_every_private_torch_and_ignite_name_the_package_uses_is_pinned() -> None:
+    """Each private torch or ignite name in the package's sources has a test in this file (a new use needs one)."""
+    found = private_uses()
+    assert "torch.serialization._save" in found and "Checkpoint._saved" in found  # the scan sees real uses
+    unpinned = {name: sorted(files) for name, files in found.items() if name not in PINNED}
+    assert not unpinned, f"private APIs used without a test here: {unpinned}"

@@ -76,7 +76,7 @@ def _state(area: mmap.mmap, misaligned: bool = False) -> dict[str, Any]:
         "big": big,
         "second": second,
         "view": big[5:1005],  # a view of the same storage: no second record
-        "heap": torch.randn(70_000),  # ordinary (64-byte aligned) memory
+        "heap": torch.randn(50_000),  # malloc'd memory, below the direct path's minimum (may be page-aligned by chance)
         "small": torch.arange(10, dtype=torch.int64),
         "nested": {"x": [torch.ones(3), 1.5, "s"]},
     }

@@ -1,42 +1,55 @@
-"""Durable write throughput of async_ckpt's writer against a raw sequential write + fsync of the same bytes.
+"""What a durable checkpoint write costs the machine: time, CPU seconds per GiB and page-cache growth.
 
-    python -m benchmarks.writer                 # 512 MiB and 2 GiB states, 5 interleaved rounds (about a minute)
+    python -m benchmarks.writer                 # 512 MiB and 2 GiB states, 3 interleaved rounds
     python -m benchmarks.writer --sizes 128     # a quick look
 
 No training runs here: this isolates the file path (serialization into a temporary file, fsync, rename, directory
-fsync, and the manifest update) from CPU contention with a training step, which ``benchmarks.stall`` measures.
-Each round writes the same state with every variant, in alternating order, into the same directory:
+fsync, and the manifest update) from a training step, which ``benchmarks.stall`` measures, so that every CPU
+cycle the machine spends while a write runs is the write's. Each round writes the same staged state (copied into
+async_ckpt's staging buffers first, as the writer thread always sees it) with every variant, in alternating
+order, into the same directory:
 
 - raw: ``os.write`` of the same number of bytes from memory in 64 MiB chunks, fsync of file and directory;
 - torch.save(path): what MONAI's saver does, plus an fsync of the file so the comparison is fair;
-- before: the writer before the fast serializer (``torch.save`` into ``FileStorage.write_atomic``, no
-  write-behind), with the manifest update;
-- async_ckpt: ``FileStorage.write_atomic`` with :func:`async_ckpt.serialize.serialize` (torch's zip writer with
-  CRCs computed on helper threads beside the writes, write-behind every 32 MiB): what the writer thread runs per
-  save; and the same with the manifest update that follows.
+- buffered: async_ckpt's writer with ``direct_io=False``: torch's zip writer through the page cache, CRCs beside
+  the writes, write-behind every 32 MiB, fsync, rename, directory fsync, then the manifest update;
+- direct: the same with ``direct_io=True``: the aligned spans of each record go from the staging buffers straight
+  to the disk (``O_DIRECT``), only headers, record tails and the zip directory through the page cache.
+
+For each it reports the durable time, the CPU seconds the whole machine spent while it ran (``/proc/stat``: every
+core's non-idle time, so kernel writeback threads count too) per GiB written, the process's own CPU seconds, and
+how much the page cache grew (``/proc/meminfo`` Cached + Dirty, read right after the write is durable and before
+the file is deleted). Run it on an otherwise idle machine: system-wide CPU counts everyone.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-import async_ckpt.storage as storage_mod
 from async_ckpt.integrity import entry_for, update_manifest
 from async_ckpt.serialize import serialize
+from async_ckpt.snapshot import Stager, flatten, unflatten
 from async_ckpt.storage import FileStorage
 from benchmarks.common import describe_machine, disk_write_probe, fsync_dir, machine_info, median
 
 MiB = 2**20
+_VARIANTS = ("raw", "torch_save_path", "buffered", "direct")
+_LABELS = {
+    "raw": "raw write+fsync",
+    "torch_save_path": "torch.save(path)+fsync",
+    "buffered": "async_ckpt buffered",
+    "direct": "async_ckpt direct I/O",
+}
 
 
 def _state(mib: int) -> dict[str, torch.Tensor]:
@@ -44,111 +57,160 @@ def _state(mib: int) -> dict[str, torch.Tensor]:
     return {f"w{i}": torch.randn(mib * MiB // 4 // n) for i in range(n)}
 
 
-def _torch_save_path(state: dict[str, torch.Tensor], directory: str) -> float:
-    path = os.path.join(directory, "plain.pt")
+def _busy_cpu_s() -> float:
+    """Non-idle CPU seconds of the whole machine since boot (all cores; idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cached_bytes() -> int:
+    """Page cache in use: Cached + Dirty from /proc/meminfo."""
+    values = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, rest = line.split(":", 1)
+            if key in ("Cached", "Dirty"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values.get("Cached", 0) + values.get("Dirty", 0)
+
+
+def _measured(write: Callable[[], str]) -> dict[str, float]:
+    """Run ``write`` (which leaves its durable file and returns its path); time, CPU and page cache it cost."""
+    os.sync()
+    cache0, busy0, own0 = _cached_bytes(), _busy_cpu_s(), _own_cpu_s()
     t0 = time.perf_counter()
+    path = write()
+    wall = time.perf_counter() - t0
+    busy, own, cache = _busy_cpu_s() - busy0, _own_cpu_s() - own0, _cached_bytes() - cache0
+    os.unlink(path)
+    return {"s": wall, "busy_cpu_s": busy, "own_cpu_s": own, "cache_growth_bytes": float(cache)}
+
+
+def _torch_save_path(state: Any, directory: str) -> str:
+    path = os.path.join(directory, "plain.pt")
     torch.save(state, path)
     fd = os.open(path, os.O_RDONLY)
     os.fsync(fd)
     os.close(fd)
     fsync_dir(directory)
-    dt = time.perf_counter() - t0
-    os.unlink(path)
-    return dt
+    return path
 
 
-def _ours(
-    state: dict[str, torch.Tensor], directory: str, storage: FileStorage, produce: Callable[[BinaryIO], object]
-) -> dict[str, float]:
-    path = os.path.join(directory, "ours.pt")
-    t0 = time.perf_counter()
-    storage.write_atomic(path, produce)
-    t1 = time.perf_counter()
-    update_manifest(storage, directory, {"ours.pt": entry_for(path, {"reason": "bench"})}, [])
-    t2 = time.perf_counter()
-    os.unlink(path)
-    return {"file_s": t1 - t0, "with_manifest_s": t2 - t0}
-
-
-@contextlib.contextmanager
-def _no_write_behind() -> Iterator[None]:
-    saved = storage_mod._SYNC_FILE_RANGE
-    storage_mod._SYNC_FILE_RANGE = None
+def _raw(directory: str, nbytes: int) -> str:
+    path = os.path.join(directory, "raw.bin")
+    buf = memoryview(torch.ones(64 * MiB, dtype=torch.uint8).numpy())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        yield
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, buf[: min(left, len(buf))])
+        os.fsync(fd)
     finally:
-        storage_mod._SYNC_FILE_RANGE = saved
+        os.close(fd)
+    fsync_dir(directory)
+    return path
 
 
-_KEYS = ("raw", "torch_save_path", "before", "ours", "ours_manifest")
+def _ours(state: Any, directory: str, storage: FileStorage) -> str:
+    path = os.path.join(directory, "ours.pt")
+    storage.write_atomic(path, lambda f: serialize(state, f))
+    update_manifest(storage, directory, {"ours.pt": entry_for(path, {"reason": "bench"})}, [])
+    return path
 
 
-def _measure(mib: int, directory: str, storage: FileStorage, rounds: int) -> dict[str, Any]:
-    state = _state(mib)
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    res: dict[str, list[float]] = {k: [] for k in _KEYS}
-
-    def before() -> float:
-        with _no_write_behind():
-            return _ours(state, directory, storage, lambda f: torch.save(state, f))["with_manifest_s"]
-
-    def ours() -> float:
-        got = _ours(state, directory, storage, lambda f: serialize(state, f))
-        res["ours_manifest"].append(got["with_manifest_s"])
-        return got["file_s"]
-
-    variants: dict[str, Callable[[], float]] = {
-        "raw": lambda: disk_write_probe(directory, nbytes)["total_s"],
+def _measure(mib: int, directory: str, rounds: int) -> dict[str, Any]:
+    source = _state(mib)
+    flat = flatten(source)
+    stager = Stager(max_pending=1)
+    staged = stager.stage(flat.tensors, reuse=False)
+    assert staged is not None
+    staged.wait_ready()
+    state = unflatten(flat.skeleton, staged.views)
+    del source
+    nbytes = staged.nbytes
+    res: dict[str, list[dict[str, float]]] = {k: [] for k in _VARIANTS}
+    storages = {"buffered": FileStorage(fsync=True, direct_io=False), "direct": FileStorage(fsync=True, direct_io=True)}
+    variants: dict[str, Callable[[], str]] = {
+        "raw": lambda: _raw(directory, nbytes),
         "torch_save_path": lambda: _torch_save_path(state, directory),
-        "before": before,
-        "ours": ours,
+        "buffered": lambda: _ours(state, directory, storages["buffered"]),
+        "direct": lambda: _ours(state, directory, storages["direct"]),
     }
-    for r in range(rounds + 1):  # round 0 warms the page cache and the allocator, and is dropped
+    for r in range(rounds + 1):  # round 0 warms the allocator and the disk, and is dropped
         for name in list(variants) if r % 2 else list(reversed(variants)):
-            res[name].append(variants[name]())
-        if r == 0:
-            for v in res.values():
-                v.clear()
-    row: dict[str, Any] = {"mib": nbytes / MiB, **{f"{k}_s": median(v) for k, v in res.items()}}
-    for k in _KEYS:
-        row[f"{k}_mib_s"] = nbytes / MiB / row[f"{k}_s"]
+            got = _measured(variants[name])
+            if r:
+                res[name].append(got)
+    staged.release()
+    row: dict[str, Any] = {"mib": nbytes / MiB, "rounds": rounds}
+    gib = nbytes / 2**30
+    for name, runs in res.items():
+        for key in ("s", "busy_cpu_s", "own_cpu_s", "cache_growth_bytes"):
+            row[f"{name}_{key}"] = median([x[key] for x in runs])
+        row[f"{name}_mib_s"] = nbytes / MiB / row[f"{name}_s"]
+        row[f"{name}_cpu_s_per_gib"] = row[f"{name}_busy_cpu_s"] / gib
+        row[f"{name}_runs"] = runs
     return row
+
+
+def _targets(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for r in rows:
+        size = f"{r['mib']:.0f} MiB"
+        cpu = r["direct_cpu_s_per_gib"] / r["torch_save_path_cpu_s_per_gib"]
+        lines.append(
+            f"- {size}: CPU per GiB, direct / torch.save(path)+fsync = {cpu:.2f} (target <= 0.25): {_ok(cpu <= 0.25)}"
+        )
+        grow = r["direct_cache_growth_bytes"] / MiB * 512 / r["mib"]
+        lines.append(
+            f"- {size}: page-cache growth of the direct path, per 512 MiB written = {grow:.1f} MiB (target <= 64): "
+            f"{_ok(grow <= 64)}"
+        )
+        dur = r["direct_s"] / r["buffered_s"]
+        lines.append(f"- {size}: durable time, direct / buffered = {dur:.2f} (target <= 1): {_ok(dur <= 1.0)}")
+    return lines
+
+
+def _ok(flag: bool) -> str:
+    return "PASS" if flag else "FAIL"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="*", default=[512, 2048], help="state sizes in MiB")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--dir", help="where the files are written (default: a fresh directory under --out)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    directory = tempfile.mkdtemp(prefix="writer-", dir=args.out)
+    directory = tempfile.mkdtemp(prefix="writer-", dir=args.dir or args.out)
     info = machine_info(directory)
-    print("# Durable write throughput\n")
+    print("# Durable write: time, CPU and page cache\n")
     print(describe_machine(info))
-    storage = FileStorage(fsync=True)
     rows: list[dict[str, Any]] = []
     try:
+        disk_write_probe(directory, 64 * MiB)  # wake the disk up
         for mib in args.sizes:
-            rows.append(_measure(mib, directory, storage, args.rounds))
+            rows.append(_measure(mib, directory, args.rounds))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    print(
-        "\n| state MiB | raw write+fsync MiB/s | torch.save(path)+fsync MiB/s | before (torch.save in our commit) "
-        "MiB/s | async_ckpt file MiB/s | + manifest MiB/s | async_ckpt / raw | before / raw |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| state MiB | variant | durable s | MiB/s | machine CPU s / GiB | process CPU s | page cache growth MiB |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(
-            f"| {r['mib']:.0f} | {r['raw_mib_s']:.0f} | {r['torch_save_path_mib_s']:.0f} | {r['before_mib_s']:.0f} | "
-            f"{r['ours_mib_s']:.0f} | {r['ours_manifest_mib_s']:.0f} | "
-            f"{r['ours_manifest_mib_s'] / r['raw_mib_s']:.2f} | {r['before_mib_s'] / r['raw_mib_s']:.2f} |"
-        )
-    print("\nTarget (same run): durable write >= 90% of raw write+fsync for states >= 512 MiB:")
-    for r in rows:
-        ratio = r["ours_manifest_mib_s"] / r["raw_mib_s"]
-        verdict = "PASS" if ratio >= 0.9 else "FAIL"
-        print(f"- {r['mib']:.0f} MiB: {ratio:.2f} of raw (with the manifest update): {verdict}")
+        for name in _VARIANTS:
+            print(
+                f"| {r['mib']:.0f} | {_LABELS[name]} | {r[f'{name}_s']:.3f} | {r[f'{name}_mib_s']:.0f} | "
+                f"{r[f'{name}_cpu_s_per_gib']:.3f} | {r[f'{name}_own_cpu_s']:.3f} | "
+                f"{r[f'{name}_cache_growth_bytes'] / MiB:.0f} |"
+            )
+    print("\nTargets (same run, medians of the rounds):")
+    print("\n".join(_targets(rows)))
     path = os.path.join(args.out, "writer.json")
     with open(path, "w") as f:
         json.dump({"machine": info, "rows": rows, "rounds": args.rounds}, f, indent=1)

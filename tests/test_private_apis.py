@@ -137,7 +137,8 @@ def test_serialize_into_a_real_file_uses_the_writer_without_crc(
 def test_register_package_and_its_registry_have_the_shape_the_tagger_uses() -> None:
     """``register_package(priority, tagger, deserializer)`` adds to ``_package_registry``, a list of (priority,
     tagger, deserializer) tuples that the staging tagger reads to pick a free priority, and torch.save asks it."""
-    from async_ckpt._staging_buffers import tag, untag
+    from async_ckpt.snapshot import _tag as tag
+    from async_ckpt.snapshot import _untag as untag
 
     assert parameters(torch.serialization.register_package) == ["priority", "tagger", "deserializer"]
     registry = torch.serialization._package_registry
@@ -162,16 +163,14 @@ def test_register_package_and_its_registry_have_the_shape_the_tagger_uses() -> N
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cudart_host_register_is_callable() -> None:
-    """``torch.cuda.cudart()`` exposes ``cudaHostRegister``/``cudaHostUnregister``, which pin the staging arena."""
-    from async_ckpt._staging_buffers import _register_pinned, _unregister_pinned
-
+def test_cudart_host_register_takes_pointer_size_flags() -> None:
+    """``torch.cuda.cudart()`` exposes ``cudaHostRegister(ptr, nbytes, flags)`` returning an error code, and
+    ``cudaHostUnregister(ptr)``, with which the staging arena is pinned for GPU copies."""
+    runtime = torch.cuda.cudart()
     buffer = torch.empty(1 << 20, dtype=torch.uint8)
-    _register_pinned(buffer.data_ptr(), buffer.numel())
-    try:
-        assert torch.cuda.cudart().cudaHostRegister is not None
-    finally:
-        _unregister_pinned(buffer.data_ptr())
+    err = runtime.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 1)  # 1: cudaHostRegisterPortable
+    assert int(err) == 0
+    assert int(runtime.cudaHostUnregister(buffer.data_ptr())) == 0
 
 
 # -- ignite: Checkpoint's retention list and file names --------------------------------------------------------------

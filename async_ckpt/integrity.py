@@ -168,7 +168,10 @@ def verify(path: str, *, records: bool = True) -> VerifyResult:
             result.problems.append(f"size {size} B vs {expected} B in the manifest{how}")
         try:
             cd_crc32 = zlib.crc32(_central_directory(path))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            result.problems.append(_unreadable(exc))
+            index_unreadable = True
+        except ValueError as exc:
             result.problems.append(str(exc))
             index_unreadable = True
         else:
@@ -180,7 +183,7 @@ def verify(path: str, *, records: bool = True) -> VerifyResult:
     if records:
         result.checked.append("records")
         problems = _record_problems(path)
-        if not (index_unreadable and problems[:1] == [_NOT_A_ZIP]):
+        if not (index_unreadable and problems[:1] in ([_NOT_A_ZIP], result.problems[-1:])):  # said once is enough
             result.problems.extend(problems)
     result.ok = not result.problems
     return result
@@ -190,7 +193,9 @@ def _record_problems(path: str) -> list[str]:
     """Re-read every record of the zip archive ``path``; say which fail their CRC-32 or cannot be read."""
     try:
         zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except OSError as exc:
+        return [_unreadable(exc)]
+    except (zipfile.BadZipFile, ValueError):
         return [_NOT_A_ZIP]
     problems: list[str] = []
     bad = 0
@@ -213,6 +218,10 @@ def _record_problems(path: str) -> list[str]:
     if bad > _MAX_RECORD_PROBLEMS:
         problems.append(f"{bad - _MAX_RECORD_PROBLEMS} more records fail too")
     return problems
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"the file cannot be read: {exc.strerror or exc}"
 
 
 def _record_crc32(zf: zipfile.ZipFile, raw: Any, info: zipfile.ZipInfo) -> int:

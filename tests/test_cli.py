@@ -1,8 +1,11 @@
 """The ``async-ckpt`` command: listing, verifying and finding checkpoints, read-only.
 
 Most commands run in-process through :func:`async_ckpt.cli.main` (what both the console script and
-``python -m async_ckpt`` call), which keeps the suite fast; two tests run ``python -m async_ckpt`` as a real
-subprocess, and the console script's registration is checked through the installed package metadata.
+``python -m async_ckpt`` call), which keeps the suite fast; three tests run ``python -m async_ckpt`` or the installed
+``async-ckpt`` script as real subprocesses, and the script's registration is checked through the package metadata.
+Bad input (a missing path, a file for a directory, an empty or temp-only directory, truncated, bit-flipped and
+vanished files) is a table: each row gives the exit status (0 ok, 1 a checkpoint problem, 2 a usage or path
+problem) and what stdout and stderr must say.
 """
 
 from __future__ import annotations

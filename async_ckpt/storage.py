@@ -293,7 +293,8 @@ class FileStorage:
         direct_io: write the large aligned spans of checkpoints with ``O_DIRECT`` (see the module docstring).
             ``"auto"`` (default) falls back to buffered writes, once per directory with an INFO log line, where the
             file system refuses it; ``True`` raises instead (for a setup that must not fill the page cache);
-            ``False`` never uses it.
+            ``False`` never uses it. Either way a record whose memory is not 4 KiB aligned, or smaller than 256
+            KiB, is written buffered (never copied into an aligned buffer): that is not a refusal.
 
     Raises:
         ValueError: ``direct_io`` is not one of the three values, or is ``True`` on a platform without

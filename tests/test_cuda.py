@@ -129,3 +129,38 @@ def test_training_state_at_event_on_device(tmp_path: os.PathLike[str], device: s
     for it, state in expected.items():
         loaded = torch.load(os.path.join(tmp_path, f"checkpoint_iteration={it}.pt"), map_location="cpu")
         assert trees_equal(loaded, state), it
+
+
+@cuda
+def test_pinned_staging_is_one_registered_arena_not_rounded_up() -> None:
+    """GPU state is staged into one page-locked arena: the buffers are pinned, hold the values at the event, and take
+    the state's bytes plus under a page of padding each, not the power-of-two rounding of torch's host allocator."""
+    src = [torch.randn((1 << 20) + 1, device="cuda") for _ in range(3)]  # 4 MiB + 4 B each: 8 MiB when rounded up
+    expected = [t.cpu() for t in src]
+    stager = Stager(max_pending=1)
+    staged = stager.stage(src)
+    assert staged is not None
+    staged.wait_ready()
+    assert all(v.is_pinned() for v in staged.views)
+    assert all(torch.equal(v, e) for v, e in zip(staged.views, expected, strict=True))
+    nbytes = sum(t.untyped_storage().nbytes() for t in src)
+    assert nbytes <= stager.footprint_bytes() < nbytes + 4 * 4096
+    assert all(v.untyped_storage().data_ptr() % 4096 == 0 for v in staged.views)
+    staged.release()
+    stager.close()
+
+
+@cuda
+def test_prewarm_pins_in_the_background_and_the_first_gpu_save_allocates_nothing() -> None:
+    """prewarm_async of a GPU state registers the arena off the training thread; the first save then allocates
+    nothing and copies exact values into pinned memory."""
+    src = [torch.randn(1 << 20, device="cuda"), torch.arange(10, device="cuda")]
+    stager = Stager(max_pending=1)
+    stager.prewarm_async(src)
+    assert stager.join_prewarm(60) and stager.allocations == 1
+    staged = stager.stage(src)
+    assert staged is not None and stager.allocations == 1
+    staged.wait_ready()
+    assert staged.views[0].is_pinned() and torch.equal(staged.views[1], torch.arange(10))
+    staged.release()
+    stager.close()

@@ -47,7 +47,8 @@ class Op:
     Attributes:
         index: position in the log.
         kind: ``create``, ``write``, ``open_direct``, ``write_direct`` (an ``O_DIRECT`` write), ``fsync``, ``close``,
-            ``rename``, ``link``, ``unlink``, ``mkdir``, ``dirsync``, ``begin`` or ``durable``.
+            ``rename``, ``link``, ``unlink``, ``mkdir``, ``dirsync``, ``begin``, ``durable`` or ``reported``
+            (the saver's ``on_durable`` callback).
         path: the file (source of a rename or link; the directory of a ``dirsync``), absolute.
         dst: the new name of a rename or link.
         ino: the model inode the operation concerns (-1 if none).
@@ -180,6 +181,12 @@ class RecordingStorage(FileStorage):
     def note_mkdir(self, path: str) -> None:
         """Log that ``path`` is a directory about to be created outside the storage (e.g. by ignite's DiskSaver)."""
         self._log("mkdir", path=_abs(path))
+
+    def note_reported(self, path: str) -> None:
+        """Log that the saver reported ``path`` durable to its user (its ``on_durable`` callback ran)."""
+        path = _abs(path)
+        begins = [op for op in self.ops if op.kind == "begin" and op.path == path]
+        self._log("reported", path=path, job=begins[-1].job if begins else -1)
 
     # -- overridable primitives ----------------------------------------------------------------------------------
     def _open(self, path: str) -> BinaryIO:
@@ -395,7 +402,7 @@ def crash_states(
         dir_ops = [op for op in prefix if op.kind in DIR_KINDS]
         unsynced = [op.index for op in dir_ops if last_sync.get(op.directory, -1) < op.index]
         contents = _contents(prefix)
-        markers = sum(op.kind in ("begin", "durable") for op in prefix)
+        markers = sum(op.kind in ("begin", "durable", "reported") for op in prefix)
         counts["prefixes"] += 1
         counts["unsynced_prefixes"] += bool(unsynced)
         counts["undoable_entries"] += any(ops[i].kind in ("rename", "link", "unlink") for i in unsynced)
@@ -420,7 +427,7 @@ def crash_states(
                     del files[op.path]
             files = {p: i for p, i in files.items() if os.path.dirname(p) in dirs}
             key = (
-                markers,  # what the checks expect changes with every begin/durable marker, so it is part of the key
+                markers,  # what the checks expect changes with every marker, so it is part of the key
                 tuple(i for i in applied if ops[i].kind == "unlink"),
                 tuple(sorted(files.items())),
                 tuple(sorted(dirs)),

@@ -80,6 +80,7 @@ def _record_run(root: str, storage: RecordingStorage, *, create_dir: bool = Fals
         save_interval=1,
         n_saved=2,
         storage=storage,
+        on_durable=lambda stats: storage.note_reported(stats.path),
     )
     assert os.path.isdir(save_dir)
     with saver:
@@ -136,7 +137,8 @@ class Checker:
         where = f"crash after op {state.prefix} ({ops[-1].kind if ops else 'start'}), undone {sorted(state.dropped)}"
         out: list[str] = []
         begins = [op for op in ops if op.kind == "begin"]
-        durables = [op for op in ops if op.kind == "durable"]
+        # Durable: the storage returned from the write (the writer's "durable"), or the saver told its user so.
+        durables = [op for op in ops if op.kind in ("durable", "reported")]
         complete: set[str] = set()
 
         # 1. Every file under a final name loads and holds the state of a save to that name that is not older
@@ -260,6 +262,8 @@ def test_every_write_of_a_run_goes_through_the_storage(correct_run: Recording) -
     if direct_io_refusal(rec.save_dir) is None:
         assert {"open_direct", "write_direct"} <= kinds
     assert any(op.is_manifest and op.kind == "durable" for op in rec.ops)
+    reported = [op.job for op in rec.ops if op.kind == "reported"]
+    assert reported == [op.job for op in storage.checkpoint_jobs()]  # each save reported once, after its write
     on_disk = {os.path.join(rec.save_dir, n) for n in os.listdir(rec.save_dir)}
     assert on_disk == set(storage.namespace())
     assert os.path.basename(storage.checkpoint_jobs()[-1].path).startswith("checkpoint_final_iteration=")

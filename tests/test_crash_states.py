@@ -8,6 +8,7 @@ page cache survives the process, not a power cut.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ class Recording:
     root: str
     expected: dict[int, Any]  # job ordinal -> the state at its event
     storage: RecordingStorage
+    retention: dict[str, int]  # file-name prefix of a retention list -> how many files it keeps
 
 
 def _record_run(root: str, storage: RecordingStorage, *, create_dir: bool = False) -> Recording:
@@ -90,7 +92,8 @@ def _record_run(root: str, storage: RecordingStorage, *, create_dir: bool = Fals
     # The writer runs jobs in submission order, so the n-th checkpoint job is the n-th queued save.
     assert len(jobs) == len(states), (len(jobs), len(states))
     expected = {j.job: s for j, s in zip(jobs, states, strict=True)}
-    return Recording(list(storage.ops), os.path.realpath(save_dir), root, expected, storage)
+    retention = {"checkpoint_iteration=": 2, "best.pt": 1, "checkpoint_final_iteration=": 1}
+    return Recording(list(storage.ops), os.path.realpath(save_dir), root, expected, storage, retention)
 
 
 @dataclass
@@ -188,6 +191,18 @@ class Checker:
                 out.append(
                     f"{where}: {name}, reported durable at op {d.index}{' (the newest)' if newest else ''}, "
                     "is missing and was not pruned after a durable replacement"
+                )
+
+        # 2b. Pruning never leaves a retention list short: each keeps at least min(n, names it had durable) files.
+        for prefix, keep in rec.retention.items():
+            durable_names = {
+                os.path.basename(d.path) for d in checkpoints if os.path.basename(d.path).startswith(prefix)
+            }
+            kept = {name for name in complete if name.startswith(prefix)}
+            if len(kept) < min(keep, len(durable_names)):
+                out.append(
+                    f"{where}: retention list {prefix!r} holds {sorted(kept)}, fewer than min({keep}, "
+                    f"{len(durable_names)} durable): a file was pruned before its replacement was durable"
                 )
 
         # 3. The manifest names no file that was lost (a pruned file may be named until the next update, by design;
@@ -299,6 +314,30 @@ def test_the_checker_catches_a_storage_that_skips_an_fsync(
     rec = _record_run(str(tmp_path / "run"), RecordingStorage(**variant))
     report = _enumerate(rec, str(tmp_path / "crash"), until=symptom)
     assert any(symptom in v for v in report.violations), _fail_msg(report)
+
+
+def _prune_first(ops: list[Op]) -> list[Op]:
+    """``ops`` as a writer that prunes before it writes would log them: each unlink and the directory fsync after
+    it move to just before the begin of the checkpoint job that carried them."""
+    out = list(ops)
+    for u in [op for op in ops if op.kind == "unlink"]:
+        at = out.index(u)
+        moved = out[at : at + 2] if at + 1 < len(out) and out[at + 1].kind == "dirsync" else out[at : at + 1]
+        del out[at : at + len(moved)]
+        begin = max(i for i, op in enumerate(out[:at]) if op.kind == "begin" and not op.is_manifest)
+        out[begin:begin] = moved
+    return [dataclasses.replace(op, index=i) for i, op in enumerate(out)]
+
+
+def test_the_checker_catches_a_writer_that_prunes_before_the_replacement_is_durable(
+    correct_run: Recording, tmp_path: Any
+) -> None:
+    """The same run's log, reordered as a writer that evicts first and writes the replacement after would make it,
+    fails the enumeration: a power cut in between leaves a retention list short."""
+    rec = dataclasses.replace(correct_run, ops=_prune_first(correct_run.ops))
+    assert [op.kind for op in rec.ops].count("unlink") == 4
+    report = _enumerate(rec, str(tmp_path / "crash"), until="was pruned before its replacement was durable")
+    assert any("was pruned before its replacement was durable" in v for v in report.violations), _fail_msg(report)
 
 
 @pytest.mark.xfail(

@@ -225,15 +225,15 @@ class Checker:
         elif os.path.basename(picked) not in complete:
             out.append(f"{where}: latest_checkpoint picked {os.path.basename(picked)}, which is not complete")
         else:
-            newest = [d for d in durables if not d.is_manifest]
-            data = state.contents[present[os.path.basename(picked)]][0]
-            tree = self._load(picked, hashlib.sha1(data).digest())
-            digest = hashlib.sha1(data).digest()
+            # Not a violation (the file is complete), but worth seeing: resume chose an older save than the newest
+            # durable one (listed files are ordered by the manifest's time, unlisted ones by their mtime).
+            digest = hashlib.sha1(state.contents[present[os.path.basename(picked)]][0]).digest()
+            tree = self._load(picked, digest)
             saves = [j for j in rec.expected if self._equals(tree, digest, j)]
-            if newest and max(saves) < newest[-1].job:
+            if checkpoints and max(saves) < checkpoints[-1].job:
                 report.latest_older.append(
                     f"{where}: resume picked {os.path.basename(picked)} (save {max(saves)}), older than "
-                    f"{os.path.basename(newest[-1].path)} (save {newest[-1].job}), reported durable"
+                    f"{os.path.basename(checkpoints[-1].path)} (save {checkpoints[-1].job}), reported durable"
                 )
         return out
 

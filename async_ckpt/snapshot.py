@@ -81,6 +81,9 @@ class Flat:
             return None
 
 
+_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), complex})
+
+
 def flatten(tree: Any) -> Flat:
     """Split ``tree`` into a skeleton and its tensors; non-tensor leaves are deep-copied.
 
@@ -94,9 +97,14 @@ def flatten(tree: Any) -> Flat:
     memo: dict[int, Any] = {}
 
     def walk(node: Any) -> Any:
+        kind = type(node)
+        if kind in _ATOMIC:  # immutable: nothing to copy (most of an optimizer's param_groups)
+            return node
         if isinstance(node, torch.Tensor):
             tensors.append(node)
             return _Slot(len(tensors) - 1)
+        if kind is dict:
+            return {key: walk(value) for key, value in node.items()}
         if isinstance(node, dict):
             out = copy.copy(node)  # keeps the dict subclass and shallow-copies its attributes
             if hasattr(node, "__dict__"):

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from async_ckpt.integrity import MANIFEST_NAME
-from async_ckpt.storage import FileStorage, WriteTimes
+from async_ckpt.storage import TMP_MARKER, FileStorage, WriteTimes
 
 DIR_KINDS = frozenset({"create", "rename", "link", "unlink", "mkdir"})
 
@@ -76,7 +76,9 @@ class Op:
 
     @property
     def is_manifest(self) -> bool:
-        return os.path.basename(self.path) == MANIFEST_NAME
+        """Whether the operation concerns the manifest or one of its temporary files."""
+        name = os.path.basename(self.path)
+        return name == MANIFEST_NAME or name.startswith(MANIFEST_NAME + TMP_MARKER)
 
 
 class _RecordingFile:

@@ -49,6 +49,8 @@ class PreemptionGuard:
         flush: waits up to the given seconds for everything queued to be durable; returns whether it finished.
         signum: the signal to handle (e.g. ``signal.SIGTERM``, or ``signal.SIGUSR1`` as SLURM sends before the end).
         grace_s: seconds to wait for pending writes before handing the signal on.
+        agree: given this process's flag, whether any rank has received the signal; called by every rank at every
+            iteration end (and at the end of the run). The default, for one process, returns the flag itself.
     """
 
     def __init__(
@@ -57,9 +59,11 @@ class PreemptionGuard:
         flush: Callable[[float], bool],
         signum: int,
         grace_s: float,
+        agree: Callable[[bool], bool] = lambda requested: requested,
     ) -> None:
         self._save_final = save_final
         self._flush = flush
+        self._agree = agree
         self.signum = signal.Signals(signum)
         self.grace_s = grace_s
         self.requested = False
@@ -91,7 +95,7 @@ class PreemptionGuard:
         outer = outermost_running_engine()
         if outer is not None and outer is not engine:
             return
-        if self.requested:
+        if self._agree(self.requested):
             self.requested = False
             self._flush(self.grace_s)
             self._hand_on()
@@ -102,12 +106,17 @@ class PreemptionGuard:
         self.requested = True
 
     def _at_safe_point(self, engine: Engine) -> None:
-        if not self.requested:
+        # In a distributed run every rank acts on a signal that any rank received: all save the final checkpoint at
+        # this same iteration and hand the signal on, instead of one rank leaving while the others block in their
+        # next collective with it.
+        here = self.requested
+        if not self._agree(here):
             return
         self.requested = False
         logger.warning(
-            "async_ckpt: %s received; writing the final checkpoint at iteration %d",
+            "async_ckpt: %s received%s; writing the final checkpoint at iteration %d",
             self.signum.name,
+            "" if here else " by another rank",
             engine.state.iteration,
         )
         try:

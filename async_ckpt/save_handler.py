@@ -32,7 +32,7 @@ from async_ckpt.storage import FileStorage
 from async_ckpt.telemetry import SaveStats, Telemetry
 from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient, set_exit_timeout
 
-__all__ = ["AsyncSaveHandler", "SavePipeline", "attach_failure", "save_dict_objects", "state_of"]
+__all__ = ["AsyncSaveHandler", "RankAgreement", "SavePipeline", "attach_failure", "save_dict_objects", "state_of"]
 
 
 def save_dict_objects(save_dict: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -79,6 +79,48 @@ class _LastJob:
     job: WriteJob
     views: list[torch.Tensor]
     fingerprint: bytes | None
+
+
+class RankAgreement:
+    """Every rank learns whether any rank raised a flag, at a point that every rank reaches in the same order.
+
+    One mechanism for everything that can fail or be skipped on one rank at a checkpoint event (a write failure, a
+    skip for lack of a free slot, an exception while staging, a preemption signal): the flags are a small integer
+    tensor, all-reduced with ``MAX``. In a ``torch.distributed`` run the all-reduce goes through a process group of
+    its own on the gloo backend, created once, when the saver is built (a collective: every rank builds its saver
+    at the same point). Gloo reduces a CPU tensor on the calling thread, so the agreement never queues behind the
+    eager device-to-host copy of the state on a CUDA stream, as an all-reduce on NCCL's default group would.
+
+    Thread-safety: training thread only.
+
+    Args:
+        enabled: agree at all (the saver's ``sync_errors``); with ``False``, or in a single process, every call
+            returns its own flags without communicating.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.world_size = idist.get_world_size() if enabled else 1
+        self._group: Any = None
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            self._group = torch.distributed.new_group(backend="gloo")
+
+    @property
+    def active(self) -> bool:
+        """Whether calls communicate (a distributed run with agreement enabled)."""
+        return self.world_size > 1
+
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """For each flag, whether it is set on any rank (every rank must call this with as many flags)."""
+        if not self.active:
+            return flags
+        values = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        if self._group is not None:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._group)
+        else:  # another ignite backend (XLA, Horovod): its own all-reduce
+            reduced = idist.all_reduce(values, op="MAX")
+            assert isinstance(reduced, torch.Tensor)
+            values = reduced
+        return tuple(bool(v) for v in values.tolist())
 
 
 class SavePipeline:

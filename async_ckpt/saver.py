@@ -30,6 +30,7 @@ from async_ckpt.preemption import PreemptionGuard, outermost_running_engine
 from async_ckpt.resume import remove_stale_temp_files, saved_items
 from async_ckpt.save_handler import (
     AsyncSaveHandler,
+    RankAgreement,
     SavePipeline,
     attach_failure,
     failure_to_error,
@@ -88,8 +89,10 @@ class AsyncCheckpointSaver:
         dedup: stage and serialize once when several checkpoints are due for the same unchanged state.
         manifest: keep ``.async_ckpt_manifest.json`` (size, checksum, step, score, reason per durable file).
         exit_timeout: seconds the interpreter-exit hook waits for pending writes (``None``: unbounded).
-        sync_errors: in a distributed run, agree across ranks at every checkpoint event and at ``COMPLETED``
-            (one small all-reduce) whether the saving rank has a write failure, so every rank raises together.
+        sync_errors: in a distributed run, agree across ranks (small all-reduces on a gloo group of the saver's
+            own) at every checkpoint event, at ``COMPLETED`` and, with ``preempt_signal``, at every iteration end,
+            so that every rank raises on a failure, skips with ``overflow="skip"`` and acts on a preemption signal
+            together (see docs/distributed.md). ``False`` turns all of it off.
         prewarm: allocate and touch the staging buffers at ``attach`` instead of during the first save (useful for
             large or pinned states), and again after the first iteration if the state grew by then (optimizers
             such as Adam create their state at their first step).
@@ -255,6 +258,7 @@ class AsyncCheckpointSaver:
                 score_name="epoch" if self.epoch_level else "iteration",
                 n_saved=n_saved,
             )
+        self._agreement = RankAgreement(enabled=bool(self._handlers) and sync_errors)
         if self._handlers and idist.get_rank() == 0:  # as ignite's DiskSaver: only the saving rank touches files
             _check_writable(str(save_dir))
         if preempt_signal is not None and self._final_checkpoint is None:
@@ -264,12 +268,18 @@ class AsyncCheckpointSaver:
         self._prewarm = prewarm
         self._prewarmed_after_step = False
         self._preemption = (
-            PreemptionGuard(self._save_on_preemption, self._flush_for, preempt_signal, preempt_grace_s)
+            PreemptionGuard(
+                self._save_on_preemption,
+                self._flush_for,
+                preempt_signal,
+                preempt_grace_s,
+                agree=lambda requested: self._agreement.any(requested)[0],
+            )
             if preempt_signal is not None
             else None
         )
         if resume:
-            self._resume_from_disk(file_prefix)
+            _resume_from_disk(self, file_prefix)
 
     def _checkpoint(self, filename: str | None, reason: str, **kwargs: Any) -> Checkpoint:
         handler = AsyncSaveHandler(self._pipeline, self.save_dir, filename=filename, reason=reason)
@@ -336,8 +346,7 @@ class AsyncCheckpointSaver:
         """``COMPLETED``: queue the final checkpoint (it is made durable by the flush that follows)."""
         if not callable(self._final_checkpoint):
             raise AssertionError("Error: _final_checkpoint function not specified.")
-        self._delete_previous_final_ckpt()
-        self._save(self._final_checkpoint, engine)
+        self._save_agreed(self._final_checkpoint, engine, final=True)
         self.logger.info(f"Train completed, saved final checkpoint: {self._final_path()}")
 
     def exception_raised(self, engine: Engine, e: Exception) -> None:
@@ -362,27 +371,14 @@ class AsyncCheckpointSaver:
         """``EPOCH_COMPLETED``: save if the key metric improved."""
         if not callable(self._key_metric_checkpoint):
             raise AssertionError("Error: _key_metric_checkpoint function not specified.")
-        self.raise_pending(sync=True)
         self._save_agreed(self._key_metric_checkpoint, engine)
 
     def interval_completed(self, engine: Engine) -> None:
         """Every ``save_interval`` epochs or iterations: save (or, with ``overflow="skip"``, maybe drop)."""
         if not callable(self._interval_checkpoint):
             raise AssertionError("Error: _interval_checkpoint function not specified.")
-        self.raise_pending(sync=True)
-        if self.options.overflow == "skip" and not self._pipeline.has_free_slot():
-            self._pipeline.telemetry.skipped += 1
-            step = engine.state.epoch if self.epoch_level else engine.state.iteration
-            unit = "epoch" if self.epoch_level else "iteration"
-            warnings.warn(
-                f"async_ckpt: skipped the interval checkpoint at {unit} {step}: the writer is still busy with "
-                f"{self.options.max_pending} earlier checkpoint(s) (overflow='skip'). Raise max_pending or "
-                "save_interval, or use overflow='block'.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if not self._save_agreed(self._interval_checkpoint, engine, may_skip=True):
             return
-        self._save_agreed(self._interval_checkpoint, engine)
         if self.epoch_level:
             self.logger.info(f"Saved checkpoint at epoch: {engine.state.epoch}")
         else:
@@ -442,24 +438,17 @@ class AsyncCheckpointSaver:
         failed name leaves its top-N list and the files whose eviction was cancelled come back into it.
 
         Args:
-            sync: in a distributed run, first agree with every rank (one small all-reduce) whether some rank has a
-                failure, so that all ranks raise together instead of the others hanging in their next collective.
-                Every rank must call it at the same point; the saver does so at each checkpoint event and at
-                ``COMPLETED``.
+            sync: in a distributed run, first agree with every rank (one small all-reduce on the saver's gloo
+                group) whether some rank has a failure, so that all ranks raise together instead of the others
+                hanging in their next collective. Every rank must call it at the same point, as ``wait(barrier=True)``
+                does; the checkpoint events agree on their own.
         """
-        failures = self._pipeline.take_failures()
-        for failure in failures:
-            self._roll_back(failure)
-        if sync and self.options.sync_errors and idist.get_world_size() > 1:
-            failed_ranks = int(idist.all_reduce(int(bool(failures))))
-            if failed_ranks and not failures:
-                raise CheckpointWriteError(
-                    f"async_ckpt: the saving rank could not write a checkpoint (rank {idist.get_rank()} stops with "
-                    "it); see the saving rank's CheckpointWriteError for the cause.",
-                    path="",
-                )
-        if failures:
-            raise failure_to_error(failures[0], more=len(failures) - 1)
+        failures = self._take_failures()
+        failed = bool(failures)
+        if sync:
+            (failed,) = self._agreement.any(failed)
+        if failed:
+            _raise_failures(failures)
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _save(self, checkpoint: Checkpoint, engine: Engine) -> None:
@@ -482,81 +471,58 @@ class AsyncCheckpointSaver:
             after = list(checkpoint._saved)
             job.tag = (checkpoint, [it for it in after if it not in before], [it for it in before if it not in after])
 
-    def _save_agreed(self, checkpoint: Checkpoint, engine: Engine) -> None:
-        """``_save`` at an event every rank reaches; in a distributed run all ranks learn if the copy failed."""
-        error: SnapshotError | None = None
+    def _save_agreed(
+        self, checkpoint: Checkpoint, engine: Engine, *, may_skip: bool = False, final: bool = False
+    ) -> bool:
+        """Save at an event that every rank reaches; every rank raises, skips or saves together. Returns whether saved.
+
+        Two agreements (see :class:`~async_ckpt.save_handler.RankAgreement`), each a no-op in a single process:
+        first whether any rank has an unreported write failure (all raise) or the saving rank has no free slot
+        with ``overflow="skip"`` (all skip, so that ignite's lists stay the same on every rank); then, after the
+        saving rank staged, whether any rank raised while saving (all raise: that rank its own exception, the
+        others :class:`SnapshotError`).
+        """
+        failures = self._take_failures()
+        skip = may_skip and self.options.overflow == "skip" and not self._pipeline.has_free_slot()
+        failed, skip = self._agreement.any(bool(failures), skip)
+        if failed:
+            _raise_failures(failures)
+        if skip:
+            self._pipeline.telemetry.skipped += 1
+            _warn_skipped(engine, self.epoch_level, self.options.max_pending)
+            return False
+        error: Exception | None = None
         try:
+            if final:
+                self._delete_previous_final_ckpt()
             self._save(checkpoint, engine)
-        except SnapshotError as exc:
+        except Exception as exc:
             error = exc
-        distributed = self.options.sync_errors and idist.get_world_size() > 1
-        if distributed and int(idist.all_reduce(int(error is not None))) and error is None:
-            raise SnapshotError(
-                f"async_ckpt: the saving rank could not copy the state (rank {idist.get_rank()} stops with it); "
-                "see the saving rank's SnapshotError for the cause."
-            )
+        (failed,) = self._agreement.any(error is not None)
         if error is not None:
             raise error
+        if failed:
+            reason = self._handlers[id(checkpoint)].reason
+            raise SnapshotError(
+                f"async_ckpt: another rank raised while taking the {reason} checkpoint (rank {idist.get_rank()} "
+                "stops with it); see the exception raised on that rank for the cause."
+            )
+        return True
 
-    def _roll_back(self, failure: Failure) -> None:
-        """Make the failed job's ``Checkpoint`` bookkeeping match what is on disk again."""
-        job, result = failure.job, failure.job.result
-        if not isinstance(job.tag, tuple) or result is None:
-            return
-        checkpoint, added, evicted = job.tag
-        handler = self._handlers[id(checkpoint)]
-        if result.committed:
-            # The new file is under its final name (the failure came after the rename: a directory fsync, an
-            # eviction, the manifest). It stays in the list; evictions that did not happen are retried after the
-            # next durable save of this list, so no file is left behind untracked.
-            handler.retry_removes([p for p in job.removes if p not in result.removed and p != job.path])
-            return
-        kept = [it for it in checkpoint._saved if it not in added]
-        # An evicted file comes back only if it is still on disk and no kept entry now owns its path (a fixed
-        # file name rewritten by a later, successful save holds that save's state, not the evicted one's).
-        taken = {handler.path_for(it.filename) for it in kept}
-        back = [
-            it
-            for it in evicted
-            if it not in kept
-            and handler.path_for(it.filename) not in taken
-            and os.path.exists(handler.path_for(it.filename))
-        ]
-        items = sorted(kept + back, key=lambda it: it[0])
-        # Saves queued after the failed one may have evicted on the assumption that it existed: keep the list
-        # within n_saved, dropping the lowest entries; their files go after the next durable save, as ignite's do.
-        while checkpoint.n_saved is not None and len(items) > checkpoint.n_saved:
-            handler.remove(items.pop(0).filename)
-        checkpoint._saved = items
-        # Removals the failed job carried for files that are not back in the list (evictions retried from earlier
-        # failures) must not be forgotten either.
-        listed = {handler.path_for(it.filename) for it in items}
-        handler.retry_removes([p for p in job.removes if p not in listed and p != job.path])
+    def _take_failures(self) -> list[Failure]:
+        """The background failures not reported yet, with their ``Checkpoint`` bookkeeping rolled back."""
+        failures = self._pipeline.take_failures()
+        for failure in failures:
+            _roll_back(self._handlers, failure)
+        return failures
 
     def _save_on_preemption(self, engine: Engine) -> None:
         assert self._final_checkpoint is not None
-        self._delete_previous_final_ckpt()
-        self._save(self._final_checkpoint, engine)
+        self._save_agreed(self._final_checkpoint, engine, final=True)
         self.logger.info(f"Preempted, saved the last checkpoint: {self._final_path()}")
 
     def _flush_for(self, seconds: float) -> bool:
         return self._pipeline.wait(seconds)
-
-    def _resume_from_disk(self, file_prefix: str) -> None:
-        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is None:
-                continue
-            handler = self._handlers[id(checkpoint)]
-            name = "checkpoint" if len(self.save_dict) > 1 else next(iter(self.save_dict))
-            prefix = f"{file_prefix}_{name}_" if file_prefix else f"{name}_"  # ignite's file name pattern
-            if handler.filename is not None:
-                prefix = ""
-            items = [
-                Checkpoint.Item(priority, fname)
-                for priority, fname in saved_items(str(self.save_dir), handler.reason, prefix)
-                if fname == (handler.filename or _ignite_file_name(checkpoint, name, priority))
-            ]
-            checkpoint._saved = items
 
     def _final_path(self) -> Any:
         if self._final_filename is not None:
@@ -583,6 +549,83 @@ class AsyncCheckpointSaver:
 
     def _flush_outer(self, engine: Engine) -> None:
         self.wait(barrier=True)
+
+
+def _roll_back(handlers: Mapping[int, AsyncSaveHandler], failure: Failure) -> None:
+    """Make the failed job's ``Checkpoint`` bookkeeping match what is on disk again."""
+    job, result = failure.job, failure.job.result
+    if not isinstance(job.tag, tuple) or result is None:
+        return
+    checkpoint, added, evicted = job.tag
+    handler = handlers[id(checkpoint)]
+    if result.committed:
+        # The new file is under its final name (the failure came after the rename: a directory fsync, an
+        # eviction, the manifest). It stays in the list; evictions that did not happen are retried after the
+        # next durable save of this list, so no file is left behind untracked.
+        handler.retry_removes([p for p in job.removes if p not in result.removed and p != job.path])
+        return
+    kept = [it for it in checkpoint._saved if it not in added]
+    # An evicted file comes back only if it is still on disk and no kept entry now owns its path (a fixed
+    # file name rewritten by a later, successful save holds that save's state, not the evicted one's).
+    taken = {handler.path_for(it.filename) for it in kept}
+    back = [
+        it
+        for it in evicted
+        if it not in kept
+        and handler.path_for(it.filename) not in taken
+        and os.path.exists(handler.path_for(it.filename))
+    ]
+    items = sorted(kept + back, key=lambda it: it[0])
+    # Saves queued after the failed one may have evicted on the assumption that it existed: keep the list
+    # within n_saved, dropping the lowest entries; their files go after the next durable save, as ignite's do.
+    while checkpoint.n_saved is not None and len(items) > checkpoint.n_saved:
+        handler.remove(items.pop(0).filename)
+    checkpoint._saved = items
+    # Removals the failed job carried for files that are not back in the list (evictions retried from earlier
+    # failures) must not be forgotten either.
+    listed = {handler.path_for(it.filename) for it in items}
+    handler.retry_removes([p for p in job.removes if p not in listed and p != job.path])
+
+
+def _raise_failures(failures: list[Failure]) -> None:
+    """Raise this rank's first failure or, on a rank without any, that the saving rank had one."""
+    if failures:
+        raise failure_to_error(failures[0], more=len(failures) - 1)
+    raise CheckpointWriteError(
+        f"async_ckpt: the saving rank could not write a checkpoint (rank {idist.get_rank()} stops with it); see "
+        "the saving rank's CheckpointWriteError for the cause.",
+        path="",
+    )
+
+
+def _resume_from_disk(saver: AsyncCheckpointSaver, file_prefix: str) -> None:
+    """Rebuild each ``Checkpoint``'s list of saved files from what the manifest of ``saver.save_dir`` records."""
+    for checkpoint in (saver._final_checkpoint, saver._key_metric_checkpoint, saver._interval_checkpoint):
+        if checkpoint is None:
+            continue
+        handler = saver._handlers[id(checkpoint)]
+        name = "checkpoint" if len(saver.save_dict) > 1 else next(iter(saver.save_dict))
+        prefix = f"{file_prefix}_{name}_" if file_prefix else f"{name}_"  # ignite's file name pattern
+        if handler.filename is not None:
+            prefix = ""
+        items = [
+            Checkpoint.Item(priority, fname)
+            for priority, fname in saved_items(str(saver.save_dir), handler.reason, prefix)
+            if fname == (handler.filename or _ignite_file_name(checkpoint, name, priority))
+        ]
+        checkpoint._saved = items
+
+
+def _warn_skipped(engine: Engine, epoch_level: bool, max_pending: int) -> None:
+    step = engine.state.epoch if epoch_level else engine.state.iteration
+    unit = "epoch" if epoch_level else "iteration"
+    warnings.warn(
+        f"async_ckpt: skipped the interval checkpoint at {unit} {step}: the writer is still busy with "
+        f"{max_pending} earlier checkpoint(s) (overflow='skip'). Raise max_pending or save_interval, or use "
+        "overflow='block'.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def _check_state_dicts(save_dict: Mapping[str, Any]) -> None:

@@ -18,6 +18,17 @@ Scenarios:
 ``fail_evaluator``
     The saver keeps the best model of an evaluator that runs at the end of every trainer epoch; rank 0's storage
     fails every fsync. The last best-model write is flushed at the trainer's ``COMPLETED``.
+``skip``
+    ``overflow="skip"`` with ``max_pending=1``: rank 0's checkpoint writes are held until ``COMPLETED``, so rank 0 has
+    no free slot at every interval event after the first; every rank must skip with it.
+``preempt_one_rank``
+    ``preempt_signal=SIGTERM`` over a Python handler that raises ``Preempted``; only rank 1 is signalled, inside
+    iteration 2. Each rank reports the iteration it was preempted at and the final files.
+``fail_completed``
+    ``save_final=True``; at ``COMPLETED`` rank 0's state holds a value that cannot be copied (``SnapshotError``).
+``fail_staging``
+    At iteration 2's interval checkpoint rank 0's ``state_dict()`` raises ``RuntimeError`` (not a
+    ``SnapshotError``).
 ``fail_wait``
     No engine run: one interval checkpoint is queued by calling the handler directly, then rank 1 calls ``wait()``
     (local: nothing to report there) and both ranks call ``wait(barrier=True)``.
@@ -33,7 +44,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -309,6 +322,144 @@ def scenario_fail_evaluator(rank: int, work: str) -> dict[str, Any]:
     saver.close()
     dist.barrier()
     return {"error": describe(error), "iteration": trainer.state.iteration}
+
+
+# -- agreement scenarios: something fails or is skipped on one rank only ---------------------------------------------
+class HeldWrites(FileStorage):
+    """Rank 0's disk while training runs: checkpoint writes wait (bounded) until ``release`` is called."""
+
+    def __init__(self) -> None:
+        super().__init__(fsync=False)
+        self.released = threading.Event()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def _open(self, path: str) -> BinaryIO:
+        if ".pt" + TMP_MARKER in os.path.basename(path) and not self.released.wait(COLLECTIVE_TIMEOUT.total_seconds()):
+            raise TimeoutError("the test never released the writes")
+        return super()._open(path)
+
+
+class Stateful:
+    """An object in ``save_dict`` whose ``state_dict`` fails on one rank from a chosen iteration on.
+
+    Args:
+        kind: ``"runtime"`` raises ``RuntimeError`` from ``state_dict`` (not a ``SnapshotError``); ``"uncopyable"``
+            returns a value that cannot be copied (the saver raises ``SnapshotError``).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.failing = False
+        self.value = torch.zeros(2)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.failing and self.kind == "runtime":
+            raise RuntimeError("injected state_dict failure")
+        if self.failing:
+            return {"value": self.value, "lock": threading.Lock()}  # deepcopy raises TypeError
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value.copy_(state["value"])
+
+
+def scenario_skip(rank: int, work: str) -> dict[str, Any]:
+    model, opt, engine, data = build_training(rank)
+    storage = HeldWrites() if rank == 0 else None
+    saver = AsyncCheckpointSaver(
+        os.path.join(work, "ours"),
+        {"net": model, "opt": opt},
+        save_interval=1,
+        epoch_level=False,
+        max_pending=1,
+        overflow="skip",
+        storage=storage,
+    )
+
+    @engine.on(Events.COMPLETED)
+    def _release(e: Engine) -> None:  # registered before the saver's flush
+        if storage is not None:
+            storage.release()
+
+    saver.attach(engine)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            engine.run(data, max_epochs=2)
+    finally:
+        if storage is not None:
+            storage.release()
+        saver.close()
+    dist.barrier()
+    assert saver._interval_checkpoint is not None
+    return {
+        "iteration": engine.state.iteration,
+        "skipped": saver.stats.skipped,
+        "saved_list": [item.filename for item in saver._interval_checkpoint._saved],
+        "files": sorted(n for n in os.listdir(os.path.join(work, "ours")) if n.endswith(".pt")),
+    }
+
+
+class Preempted(BaseException):
+    """What the previous SIGTERM handler raises: the process would end here."""
+
+
+def scenario_preempt_one_rank(rank: int, work: str) -> dict[str, Any]:
+    model, opt, engine, data = build_training(rank)
+
+    def previous(signum: int, frame: Any) -> None:
+        raise Preempted(signum)
+
+    signal.signal(signal.SIGTERM, previous)
+    save_dir = os.path.join(work, "ours")
+    saver = AsyncCheckpointSaver(save_dir, {"net": model, "opt": opt}, save_final=True, preempt_signal=signal.SIGTERM)
+
+    @engine.on(Events.ITERATION_STARTED(once=2))
+    def _term(e: Engine) -> None:  # only rank 1 is signalled, inside iteration 2
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    saver.attach(engine)
+    preempted_at = None
+    try:
+        engine.run(data, max_epochs=3)
+    except Preempted:
+        preempted_at = engine.state.iteration
+    saver.close()
+    dist.barrier()
+    return {"preempted_at": preempted_at, "files": sorted(n for n in os.listdir(save_dir) if n.endswith(".pt"))}
+
+
+def scenario_fail_staging(rank: int, work: str, kind: str, event: str) -> dict[str, Any]:
+    """Rank 0's ``state_dict`` fails at one event only: at iteration 2's interval checkpoint or at ``COMPLETED``."""
+    model, opt, engine, data = build_training(rank)
+    extra = Stateful(kind)
+    at_completed = event == "completed"
+    saver = AsyncCheckpointSaver(
+        os.path.join(work, "ours"),
+        {"net": model, "opt": opt, "extra": extra},
+        save_final=at_completed,
+        save_interval=0 if at_completed else 1,
+        epoch_level=False,
+    )
+    trigger = Events.COMPLETED if at_completed else Events.ITERATION_COMPLETED(once=2)
+
+    @engine.on(trigger)
+    def _break(e: Engine) -> None:  # registered before the saver's handlers: runs first
+        extra.failing = rank == 0
+
+    saver.attach(engine)
+    error: BaseException | None = None
+    try:
+        engine.run(data, max_epochs=2)
+    except Exception as exc:
+        error = exc
+    extra.failing = False
+    saver.close()
+    dist.barrier()
+    return {"error": describe(error), "iteration": engine.state.iteration}
 
 
 # -- sharded (DCP) scenarios ----------------------------------------------------------------------------------------
@@ -614,6 +765,10 @@ def main() -> None:
             "sharded_visibility": scenario_sharded_visibility,
             "fail_evaluator": lambda rank, world, work: scenario_fail_evaluator(rank, work),
             "fail_wait": lambda rank, world, work: scenario_fail_wait(rank, work),
+            "skip": lambda rank, world, work: scenario_skip(rank, work),
+            "preempt_one_rank": lambda rank, world, work: scenario_preempt_one_rank(rank, work),
+            "fail_completed": lambda rank, world, work: scenario_fail_staging(rank, work, "uncopyable", "completed"),
+            "fail_staging": lambda rank, world, work: scenario_fail_staging(rank, work, "runtime", "interval"),
         }
     )
 

@@ -96,3 +96,39 @@ def test_write_failure_of_evaluator_saver_reaches_every_rank(tmp_path: Path) -> 
     err0, err1 = rank0["error"], rank1["error"]
     assert err0 is not None and err0["is_write_error"] and err0["cause_errno"] == errno.ENOSPC, rank0
     assert err1 is not None and err1["is_write_error"], f"rank 1 returned normally while rank 0 raised: {rank1}"
+
+
+# -- one agreement for everything that can fail or be skipped on one rank ---------------------------------------------
+def test_skip_for_lack_of_a_slot_is_agreed_by_every_rank(tmp_path: Path) -> None:
+    """``overflow="skip"``: when rank 0 has no free slot every rank skips that checkpoint, none hangs or desyncs."""
+    rank0, rank1 = launch("skip", tmp_path, timeout=TIMEOUT_S)
+    assert rank0["iteration"] == rank1["iteration"] == 6
+    # Iteration 1's write is held until COMPLETED: every later interval checkpoint finds no free slot.
+    assert rank0["skipped"] == rank1["skipped"] == 5
+    assert rank0["saved_list"] == rank1["saved_list"] == ["checkpoint_iteration=1.pt"]
+    assert rank0["files"] == ["checkpoint_iteration=1.pt"]
+
+
+def test_preemption_signal_seen_by_one_rank_is_acted_on_by_every_rank(tmp_path: Path) -> None:
+    """SIGTERM reaching rank 1 only: both ranks write the final checkpoint at the same iteration and hand it on."""
+    rank0, rank1 = launch("preempt_one_rank", tmp_path, timeout=TIMEOUT_S)
+    assert rank0["preempted_at"] == rank1["preempted_at"] == 2, (rank0, rank1)
+    assert rank0["files"] == ["checkpoint_final_iteration=2.pt"]
+
+
+def test_failure_at_completed_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """A ``SnapshotError`` in rank 0's final save at ``COMPLETED`` ends ``engine.run`` with an error on every rank."""
+    rank0, rank1 = launch("fail_completed", tmp_path, timeout=TIMEOUT_S)
+    err0, err1 = rank0["error"], rank1["error"]
+    assert err0 is not None and err0["type"] == "SnapshotError", rank0
+    assert err1 is not None and err1["type"] == "SnapshotError" and "another rank" in err1["message"], rank1
+    assert rank0["iteration"] == rank1["iteration"] == 6
+
+
+def test_any_staging_exception_on_rank0_is_raised_on_every_rank(tmp_path: Path) -> None:
+    """A ``RuntimeError`` (not a ``SnapshotError``) from rank 0's ``state_dict`` at an event stops every rank there."""
+    rank0, rank1 = launch("fail_staging", tmp_path, timeout=TIMEOUT_S)
+    err0, err1 = rank0["error"], rank1["error"]
+    assert err0 is not None and err0["type"] == "RuntimeError" and "injected" in err0["message"], rank0
+    assert err1 is not None and err1["type"] == "SnapshotError", rank1
+    assert rank0["iteration"] == rank1["iteration"] == 2

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
 import torch
-
 from _doubles import GatedStorage
+from conftest import checkpoint_names, clone_tree, load_checkpoint, trees_equal
+
 from async_ckpt.checkpointer import Checkpointer
 from async_ckpt.errors import CheckpointWriteError, SnapshotError, WriterClosedError
 from async_ckpt.storage import FileStorage
 from async_ckpt.telemetry import SaveStats
-from conftest import checkpoint_names, clone_tree, load_checkpoint, trees_equal
 
 TIMEOUT = 30.0
 
@@ -242,3 +244,31 @@ def test_file_prefix_names_and_plain_state(tmp_path: Path) -> None:
         ckpt.save(12, state)
     assert _steps(tmp_path) == ["run_step_00000012.pt"]
     assert trees_equal(load_checkpoint(tmp_path / "run_step_00000012.pt"), state)
+
+
+def test_overlap_mode_file_holds_the_state_at_save(tmp_path: Path) -> None:
+    """With snapshot_mode="overlap" the optimizer's next step() waits for the copy: the file holds the state at save."""
+    net, opt = _model()
+    _train_step(net, opt)
+    want = clone_tree({"model": net.state_dict(), "optim": opt.state_dict()})
+    durable: list[SaveStats] = []
+    with Checkpointer(tmp_path, snapshot_mode="overlap", fsync=False, on_durable=durable.append) as ckpt:
+        ckpt.save(1, {"model": net, "optim": opt})
+        _train_step(net, opt)
+    assert trees_equal(load_checkpoint(ckpt.path_for(1)), want)
+    assert [s.path for s in durable] == [ckpt.path_for(1)]
+
+
+def test_interpreter_exit_flushes_unclosed_saves(tmp_path: Path) -> None:
+    """A script that saves and exits without close() still leaves its checkpoints durable (and pruned)."""
+    script = (
+        "import sys, torch\n"
+        "from async_ckpt.checkpointer import Checkpointer\n"
+        "ckpt = Checkpointer(sys.argv[1], keep_last=2)\n"
+        "for step in range(4):\n"
+        "    ckpt.save(step, {'w': torch.full((1000,), float(step))})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert _steps(tmp_path) == ["step_00000002.pt", "step_00000003.pt"]
+    assert torch.equal(load_checkpoint(tmp_path / "step_00000003.pt")["w"], torch.full((1000,), 3.0))

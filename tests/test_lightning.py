@@ -251,3 +251,17 @@ def test_storage_options_are_refused(tmp_path: Path) -> None:
         plugin.save_checkpoint({}, "s3://bucket/a.ckpt")
     plugin.teardown()
     shutil.rmtree(tmp_path)
+
+
+def test_teardown_during_an_exception_attaches_the_failure(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """teardown() while an exception ends training logs the write failure instead of replacing that exception."""
+    plugin = AsyncCheckpointIO(storage=FullDisk())
+    plugin.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a.ckpt")
+    with pytest.raises(RuntimeError, match="boom") as info:
+        try:
+            raise RuntimeError("boom")
+        finally:
+            plugin.teardown()
+    assert any("a.ckpt" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    if sys.version_info >= (3, 11):
+        assert any("a.ckpt" in note for note in info.value.__notes__)

@@ -324,6 +324,9 @@ class FileStorage:
     def _unlink(self, path: str) -> None:
         os.unlink(path)
 
+    def _mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o777)
+
     def _open(self, path: str) -> BinaryIO:
         # 0o666 & ~umask: the mode torch.save(path) gives MONAI's files (not tempfile's 0o600).
         # read-write: the serializer reads the zip directory back to patch in CRCs (see async_ckpt.serialize)
@@ -372,6 +375,38 @@ class FileStorage:
             self._fsync_fd(fd)
         finally:
             os.close(fd)
+
+    def make_dirs(self, path: str) -> list[str]:
+        """Create the directory ``path`` and its missing parents so that they survive a power cut.
+
+        A new directory exists for good only once its entry is fsynced in its parent; without that a crash could
+        take a fresh ``save_dir`` away together with every checkpoint already reported durable inside it.
+
+        Returns:
+            The directories this call created, outermost first.
+
+        Raises:
+            OSError: a level could not be created (``FileExistsError`` where a file holds the name).
+        """
+        missing: list[str] = []
+        level = os.path.abspath(path)
+        while not os.path.isdir(level):
+            missing.append(level)
+            parent = os.path.dirname(level)
+            if parent == level:
+                break
+            level = parent
+        created: list[str] = []
+        for directory in reversed(missing):
+            try:
+                self._mkdir(directory)
+            except FileExistsError:
+                if not os.path.isdir(directory):
+                    raise
+                continue  # made by someone else meanwhile (another rank): its creator makes it durable
+            created.append(directory)
+            self.sync_dir(os.path.dirname(directory))
+        return created
 
     def write_atomic(self, path: str, produce: Callable[[BinaryIO], object]) -> WriteTimes:
         """Create ``path`` with the bytes ``produce`` writes, atomically and durably.

@@ -256,6 +256,10 @@ class RecordingStorage(FileStorage):
         self._ino_of_path.pop(path, None)
         self._log("unlink", path=path, ino=ino)
 
+    def _mkdir(self, path: str) -> None:
+        super()._mkdir(path)
+        self._log("mkdir", path=_abs(path))
+
     def _sync_committed(self, path: str) -> None:
         if not self.skip_dir_sync_after_rename:
             super()._sync_committed(path)

@@ -102,3 +102,28 @@ def test_link_of_missing_source_fails_cleanly(tmp_path: os.PathLike[str]) -> Non
     with pytest.raises(FileNotFoundError):
         FileStorage().link_atomic(os.path.join(tmp_path, "gone.pt"), os.path.join(tmp_path, "b.pt"))
     assert os.listdir(tmp_path) == []
+
+
+def test_make_dirs_fsyncs_each_new_directory_in_its_parent(tmp_path: Path) -> None:
+    """make_dirs creates the missing levels outermost first and fsyncs each one's parent, so a power cut cannot
+    take a new save_dir (and the checkpoints in it) away; existing levels are left alone."""
+    synced: list[str] = []
+
+    class Watching(FileStorage):
+        def sync_dir(self, directory: str) -> None:
+            synced.append(directory)
+            super().sync_dir(directory)
+
+    target = tmp_path / "a" / "b" / "c"
+    created = Watching().make_dirs(str(target))
+    assert created == [str(tmp_path / "a"), str(tmp_path / "a" / "b"), str(target)]
+    assert target.is_dir()
+    assert synced == [str(tmp_path), str(tmp_path / "a"), str(tmp_path / "a" / "b")]
+    assert Watching().make_dirs(str(target)) == []
+
+
+def test_make_dirs_refuses_a_file_in_the_way(tmp_path: Path) -> None:
+    """A file where a directory level should be is an error, not silently accepted."""
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OSError):
+        FileStorage().make_dirs(str(tmp_path / "f" / "sub"))

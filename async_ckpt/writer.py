@@ -62,6 +62,9 @@ class WriteJob:
             becomes a hard link to it instead of being serialized again.
         removes: files to delete once ``path`` is durable; skipped if this job fails.
         before: called on the worker thread before anything is written (e.g. wait for device copies).
+        after_commit: called on the worker thread once ``path`` is durable and before ``removes`` run (e.g. record
+            the new file in the manifest, so that no record ever names a file already removed); if it raises, the
+            removals are skipped and the job fails at stage ``"record"`` with ``committed`` set.
         on_done: called on the worker thread with the result, whether the job succeeded or not.
         tag: opaque to the writer; returned to the client with the failure.
     """
@@ -71,6 +74,7 @@ class WriteJob:
     link_from: WriteJob | None = None
     removes: list[str] = field(default_factory=list)
     before: Callable[[], None] | None = None
+    after_commit: Callable[[JobResult], None] | None = None
     on_done: Callable[[JobResult], None] | None = None
     tag: Any = None
     result: JobResult | None = None
@@ -303,6 +307,9 @@ def _execute(storage: FileStorage, job: WriteJob) -> Failure | None:
             result.times = storage.write_atomic(job.path, job.produce)
         result.ok = result.committed = True
         result.durable_at = time.perf_counter()
+        if job.after_commit is not None:
+            stage = "record"
+            job.after_commit(result)
         stage = "remove"
         for path in job.removes:
             if path != job.path and storage.remove(path):

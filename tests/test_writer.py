@@ -13,7 +13,7 @@ from _doubles import GatedStorage
 from async_ckpt import writer as writer_mod
 from async_ckpt.errors import WriterClosedError
 from async_ckpt.storage import FileStorage
-from async_ckpt.writer import WriteJob, WriterClient, worker_alive
+from async_ckpt.writer import JobResult, WriteJob, WriterClient, worker_alive
 
 
 def _job(path: str, data: bytes = b"x", **kw: object) -> WriteJob:
@@ -160,3 +160,37 @@ def test_exit_timeout_counts_only_clients_with_pending_jobs(tmp_path: os.PathLik
         storage.open_all()
     assert unbounded.close(timeout=30) and bounded.close(timeout=30)
     assert writer_mod._exit_timeout() == writer_mod._DEFAULT_EXIT_TIMEOUT
+
+
+def test_after_commit_runs_between_the_durable_write_and_the_removals(tmp_path: Path) -> None:
+    """after_commit sees the new file in place and the evicted one still there; if it fails, nothing is removed
+    and the failure says stage 'record' with the file committed."""
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"old")
+    seen: list[tuple[bool, bool]] = []
+    client = WriterClient(FileStorage(fsync=False))
+    try:
+
+        def record(result: JobResult) -> None:
+            seen.append(((tmp_path / "new.pt").exists(), old.exists()))
+
+        client.submit(
+            WriteJob(str(tmp_path / "new.pt"), lambda f: f.write(b"new"), removes=[str(old)], after_commit=record)
+        )
+        assert client.wait(30)
+        assert seen == [(True, True)] and not old.exists() and not client.take_failures()
+
+        old.write_bytes(b"old")
+
+        def broken(result: JobResult) -> None:
+            raise OSError("manifest unwritable")
+
+        client.submit(
+            WriteJob(str(tmp_path / "n2.pt"), lambda f: f.write(b"n2"), removes=[str(old)], after_commit=broken)
+        )
+        assert client.wait(30)
+        (failure,) = client.take_failures()
+        assert failure.stage == "record" and failure.job.result is not None and failure.job.result.committed
+        assert old.exists() and (tmp_path / "n2.pt").exists()
+    finally:
+        client.close()

@@ -213,10 +213,14 @@ class _Plan:
 
     reusable: bool = False  # keys known and no tensor cloned as a whole
 
+    cuda_by_device: dict[torch.device, list[int]] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self.reusable = self.keys is not None and all(o >= 0 for o in self.owner)
         for i, t in enumerate(self.sources):
             (self.cpu_idx if t.device.type == "cpu" else self.cuda_idx if t.is_cuda else self.other_idx).append(i)
+            if t.is_cuda:
+                self.cuda_by_device.setdefault(t.device, []).append(i)
 
     @property
     def on_cuda(self) -> bool:
@@ -722,12 +726,7 @@ class Stager:
         guards: list[Callable[[], None]] = []
         buffers = bufset.list
         if plan.cuda_idx:
-            copies = [
-                Copy(plan.sources[i], buffers[i], late is not None and late[i], plan.first[i], n, plan.ptrs[i])
-                for i in plan.cuda_idx
-                for n in (plan.layout[i][0],)
-            ]
-            wait, guard = self._copy_cuda(copies)
+            wait, guard = self._copy_cuda(plan, buffers, late)
             waits.append(wait)
             if guard is not None:
                 guards.append(guard)
@@ -761,7 +760,9 @@ class Stager:
             self._streams[device] = stream
         return stream
 
-    def _copy_cuda(self, copies: list[Copy]) -> tuple[Callable[[], None], Callable[[], None] | None]:
+    def _copy_cuda(
+        self, plan: _Plan, buffers: list[torch.Tensor], late: list[bool] | None
+    ) -> tuple[Callable[[], None], Callable[[], None] | None]:
         """Issue device-to-host copies on a side stream ordered after the compute stream.
 
         The side stream first waits for the work already queued on each source device's current stream, so it
@@ -770,31 +771,31 @@ class Stager:
         waits for the copy-done event, so any later kernel that writes the sources runs after the copy, without
         the CPU ever synchronizing.
 
-        Deferred copies are issued by a named background thread, because issuing thousands of copies costs the
-        CPU milliseconds that the training thread should not pay. The side stream waits on an event recorded on
-        the compute stream at the call, so it still copies the values at the event, and the thread holds the
-        sources until they are recorded on the side stream. Deferred copies do not hold back the compute stream:
-        the returned guard (called from the optimizer's step pre-hook) waits until they are issued, then makes
-        the *then* current stream wait for them.
+        Deferred copies are prepared and issued by a named background thread, because issuing thousands of
+        copies costs the CPU milliseconds that the training thread should not pay. The side stream waits on an
+        event recorded on the compute stream at the call, so it still copies the values at the event, and the
+        thread holds the plan (and so the sources) until they are recorded on the side stream. Deferred copies do
+        not hold back the compute stream: the returned guard (called from the optimizer's step pre-hook) waits
+        until they are issued, then makes the *then* current stream wait for them.
         """
         done_events: list[torch.cuda.Event] = []
         issuers: list[tuple[torch.device, Background, list[torch.cuda.Event]]] = []
-        for device in {c.src.device for c in copies}:
+        for device, idx in plan.cuda_by_device.items():
             stream = self._side_stream(device)
             compute = torch.cuda.current_stream(device)
-            now = [c for c in copies if c.src.device == device and not c.late]
-            later = [c for c in copies if c.src.device == device and c.late]
+            now = idx if late is None else [i for i in idx if not late[i]]
+            later = [] if late is None else [i for i in idx if late[i]]
             if now:
                 stream.wait_stream(compute)
                 with torch.cuda.stream(stream):
-                    done = issue_d2h(now, stream)
+                    done = issue_d2h(_copies(plan, buffers, now, False), stream)
                 done_events.append(done)
                 compute.wait_event(done)
             if later:
                 at_event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 at_event.record(compute)
                 box: list[torch.cuda.Event] = []
-                issue = functools.partial(issue_d2h_after, device, stream, at_event, later, box)
+                issue = functools.partial(_issue_later, device, stream, at_event, plan, buffers, later, box)
                 issuers.append((device, Background("async_ckpt-stage", issue), box))
 
         def ready() -> None:
@@ -824,6 +825,23 @@ def _run_all(fns: list[Callable[[], None]]) -> Callable[[], None] | None:
             fn()
 
     return call
+
+
+def _copies(plan: _Plan, buffers: list[torch.Tensor], indices: list[int], late: bool) -> list[Copy]:
+    return [Copy(plan.sources[i], buffers[i], late, plan.first[i], plan.layout[i][0], plan.ptrs[i]) for i in indices]
+
+
+def _issue_later(
+    device: torch.device,
+    stream: Any,
+    at_event: torch.cuda.Event,
+    plan: _Plan,
+    buffers: list[torch.Tensor],
+    indices: list[int],
+    box: list[torch.cuda.Event],
+) -> None:
+    """Background thread: prepare the deferred CUDA copies of one snapshot and issue them after ``at_event``."""
+    issue_d2h_after(device, stream, at_event, _copies(plan, buffers, indices, True), box)
 
 
 def _copy_late(plan: _Plan, spans: list[tuple[int, int, int]], indices: list[int]) -> None:

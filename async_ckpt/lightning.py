@@ -11,9 +11,9 @@ are carried out:
 * ``save_checkpoint`` copies the checkpoint's tensors into reused buffers and returns; the writer thread writes
   ``torch.save``'s format to a temporary name, fsyncs, and renames it into place (a final name is always a complete
   file).
-* ``remove_checkpoint`` never runs before the checkpoint that replaces it is durable: when saves are pending it is
-  queued behind them and runs once the next checkpoint is durable, or at ``teardown``; when nothing is pending, it
-  runs at once.
+* ``remove_checkpoint`` never runs before the checkpoints saved before it are durable (among them the one that
+  replaces the file): while any is pending the removal waits, then runs on the writer thread after the next save,
+  or at once at a later call, or at ``teardown``. If one of them failed, the file is kept.
 * ``teardown`` (the end of ``fit``/``validate``/``test``) waits until every checkpoint is durable and raises a
   background failure as :class:`~async_ckpt.CheckpointWriteError`; an earlier failure is raised by the next
   ``save_checkpoint`` or ``remove_checkpoint``. A failure found while another exception is ending ``fit`` is
@@ -99,7 +99,9 @@ class AsyncCheckpointIO(CheckpointIO):
         self._on_durable = on_durable
         self._storage = storage
         self._pipeline: SavePipeline | None = None
-        self._removes: list[str] = []
+        # Deferred removals, each with the saves that were not durable yet when it was asked for: it runs only once
+        # all of them are durable, and is dropped (the file kept) if one of them failed.
+        self._removes: list[tuple[str, list[WriteJob]]] = []
         self._jobs: dict[str, WriteJob] = {}  # path -> its newest job
         self._cleaned: set[str] = set()
 
@@ -126,12 +128,17 @@ class AsyncCheckpointIO(CheckpointIO):
             self._cleaned.add(directory)
             remove_stale_temp_files(directory)
         pipeline = self._ensure_pipeline()
-        # A removal of the name being written now is superseded: the atomic replace leaves the new file there.
-        removes = [p for p in self._removes if p != target]
+        # A removal of the name being written now is superseded: Lightning wants a file there again.
+        self._removes = [(p, guards) for p, guards in self._removes if p != target]
+        removes = self._ready_removes()
+        self._jobs = {p: j for p, j in self._jobs.items() if not (j.done.is_set() and j.result and j.result.ok)}
         info = {"global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
         step = ("lightning", checkpoint.get("epoch"), checkpoint.get("global_step"))
-        self._jobs[target] = pipeline.save(checkpoint, target, removes, REASON, info, step=step)
-        self._removes = []
+        try:
+            self._jobs[target] = pipeline.save(checkpoint, target, removes, REASON, info, step=step)
+        except BaseException:
+            self._removes += [(p, []) for p in removes]
+            raise
 
     def remove_checkpoint(self, path: _PATH) -> None:
         """Remove ``path`` once every checkpoint saved before this call is durable (at once if they all are).
@@ -140,14 +147,13 @@ class AsyncCheckpointIO(CheckpointIO):
             CheckpointWriteError: an earlier checkpoint failed in the background; ``path`` is kept, since the file
                 that was to replace it is not on disk.
         """
-        self._raise_failures()
         target = _local(path)
-        if self._pipeline is not None and self._pipeline.client.pending:
-            if target not in self._removes:
-                self._removes.append(target)
-            return
-        removes, self._removes = [*self._removes, target], []
-        self._remove_now(removes)
+        guards = [j for j in self._jobs.values() if not (j.done.is_set() and j.result is not None and j.result.ok)]
+        self._raise_failures()
+        self._removes.append((target, guards))
+        ready = self._ready_removes()
+        if ready:
+            self._remove_now(ready)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = _on_cpu, weights_only: bool | None = None
@@ -175,8 +181,8 @@ class AsyncCheckpointIO(CheckpointIO):
         pipeline.close()
         self._jobs.clear()
         failures = pipeline.take_failures()
-        removes, self._removes = self._removes, []
-        if not failures and removes:
+        removes = self._ready_removes()  # every save is finished now: each removal is ready or dropped
+        if removes:
             self._remove_now(removes, pipeline.client.storage)
         if not failures:
             return
@@ -194,6 +200,21 @@ class AsyncCheckpointIO(CheckpointIO):
             self._pipeline.telemetry = self.stats
             self._pipeline.on_durable = self._on_durable
         return self._pipeline
+
+    def _ready_removes(self) -> list[str]:
+        """Take the deferred removals whose saves are all durable; drop those with a failed save (keep the file)."""
+        ready: list[str] = []
+        waiting: list[tuple[str, list[WriteJob]]] = []
+        for path, guards in self._removes:
+            if not all(j.done.is_set() for j in guards):
+                waiting.append((path, guards))
+            elif all(j.result is not None and j.result.ok for j in guards):
+                if path not in ready:
+                    ready.append(path)
+            else:
+                logger.warning("async_ckpt: kept %s: a checkpoint saved before its removal was asked for failed", path)
+        self._removes = waiting
+        return ready
 
     def _remove_now(self, paths: list[str], storage: FileStorage | None = None) -> None:
         """Remove ``paths`` on this thread (every checkpoint saved before is durable)."""

@@ -265,3 +265,53 @@ def test_teardown_during_an_exception_attaches_the_failure(tmp_path: Path, caplo
     assert any("a.ckpt" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
     if sys.version_info >= (3, 11):
         assert any("a.ckpt" in note for note in info.value.__notes__)
+
+
+class HeldThenFull(HeldStorage):
+    """Holds every ``.ckpt`` write until ``go``, then fails the ones named ``new.ckpt`` (disk full)."""
+
+    def _open(self, path: str) -> BinaryIO:
+        f = super()._open(path)
+        if os.path.basename(path).startswith("new.ckpt"):
+            f.close()
+            raise OSError(errno.ENOSPC, "No space left on device (test double)")
+        return f
+
+
+def test_failed_replacement_keeps_the_evicted_file(tmp_path: Path) -> None:
+    """When the checkpoint saved before a removal fails, the file to be removed stays, through the raise and
+    teardown."""
+    storage = HeldThenFull()
+    storage.go.set()
+    plugin = AsyncCheckpointIO(storage=storage)
+    old = tmp_path / "old.ckpt"
+    plugin.save_checkpoint({"w": torch.ones(3)}, old)
+    plugin.teardown()
+    storage.go.clear()
+    plugin.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "new.ckpt")
+    plugin.remove_checkpoint(old)
+    storage.go.set()
+    with pytest.raises(CheckpointWriteError):
+        while True:  # the failure is raised by the first call after the write failed
+            plugin.remove_checkpoint(tmp_path / "never-saved.ckpt")
+    plugin.teardown()
+    assert checkpoint_names(tmp_path) == ["old.ckpt"]
+
+
+def test_removal_waits_for_a_failing_replacement_behind_a_later_save(tmp_path: Path) -> None:
+    """A removal asked for while its replacement is pending is not carried out by a later save that succeeds when the
+    replacement itself fails: the evicted file stays."""
+    storage = HeldThenFull()
+    storage.go.set()
+    plugin = AsyncCheckpointIO(storage=storage)
+    old = tmp_path / "old.ckpt"
+    plugin.save_checkpoint({"w": torch.ones(3)}, old)
+    plugin.teardown()
+    storage.go.clear()
+    plugin.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "new.ckpt")  # will fail
+    plugin.remove_checkpoint(old)
+    plugin.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "later.ckpt")  # will succeed
+    storage.go.set()
+    with pytest.raises(CheckpointWriteError):
+        plugin.teardown()
+    assert checkpoint_names(tmp_path) == ["later.ckpt", "old.ckpt"]

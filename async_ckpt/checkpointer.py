@@ -408,12 +408,13 @@ class Checkpointer:
         if pending:
             self.wait()
         state = torch.load(path, map_location=map_location, weights_only=weights_only)
-        for name, obj in (into or {}).items():
+        targets = {name: _unwrap(obj) for name, obj in (into or {}).items()}
+        for name, target in targets.items():  # check every name before loading any, so a mistake changes nothing
             if name not in state:
                 raise KeyError(f"checkpoint {path!r} has no entry {name!r} (it has {sorted(state)}); check the names.")
-            target = _unwrap(obj)
             if not callable(getattr(target, "load_state_dict", None)):
-                raise TypeError(f"into[{name!r}] is a {type(obj).__name__}, which has no load_state_dict().")
+                raise TypeError(f"into[{name!r}] is a {type(target).__name__}, which has no load_state_dict().")
+        for name, target in targets.items():
             target.load_state_dict(state[name])
         return state
 

@@ -6,6 +6,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -153,8 +154,6 @@ def test_failure_read_through_the_handle_is_not_raised_again(tmp_path: Path) -> 
 def test_snapshot_error_leaves_retention_unchanged(tmp_path: Path) -> None:
     """A state that cannot be copied raises SnapshotError at save() and evicts nothing."""
     net, _ = _model()
-    import threading
-
     with Checkpointer(tmp_path, keep_last=1, fsync=False) as ckpt:
         ckpt.save(1, {"model": net})
         with pytest.raises(SnapshotError):
@@ -200,8 +199,11 @@ def test_load_into_objects(tmp_path: Path) -> None:
         assert trees_equal(net.state_dict(), want["model"])
         assert trees_equal(opt.state_dict(), want["optim"])
         assert trees_equal(ckpt.load(ckpt.path_for(5))["model"], want["model"])
+        changed = clone_tree(net.state_dict())
+        _train_step(net, opt)
         with pytest.raises(KeyError, match="no entry 'sched'"):
-            ckpt.load(5, into={"sched": net})
+            ckpt.load(5, into={"model": net, "sched": net})
+        assert not trees_equal(net.state_dict(), changed) and not trees_equal(net.state_dict(), want["model"])
 
 
 def test_load_latest_without_checkpoints_says_so(tmp_path: Path) -> None:

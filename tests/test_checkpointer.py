@@ -274,3 +274,18 @@ def test_interpreter_exit_flushes_unclosed_saves(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert _steps(tmp_path) == ["step_00000002.pt", "step_00000003.pt"]
     assert torch.equal(load_checkpoint(tmp_path / "step_00000003.pt")["w"], torch.full((1000,), 3.0))
+
+
+def test_overflow_skip_drops_a_save_while_the_writer_is_busy(tmp_path: Path) -> None:
+    """With overflow="skip" a save due while max_pending snapshots are in flight is dropped with a warning."""
+    net, _ = _model()
+    storage = GatedStorage()
+    with Checkpointer(tmp_path, max_pending=1, overflow="skip", storage=storage) as ckpt:
+        first = ckpt.save(1, {"model": net})
+        assert storage.entered.wait(TIMEOUT)
+        with pytest.warns(RuntimeWarning, match="skipped the checkpoint of step 2"):
+            second = ckpt.save(2, {"model": net})
+        assert second.path is None and second.not_written is not None and second.done()
+        storage.open_all()
+        assert first.result(TIMEOUT) is not None
+    assert _steps(tmp_path) == ["step_00000001.pt"] and ckpt.stats.skipped == 1

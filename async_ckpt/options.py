@@ -30,8 +30,10 @@ class AsyncOptions:
             interval), stage and serialize it once and hard-link the other names.
         manifest: record each durable file (size, checksum, step, score, reason) in the directory's
             ``.async_ckpt_manifest.json`` so it can be verified and resumed from.
-        sync_errors: in a distributed run, all-reduce a failure flag at each checkpoint event and at ``COMPLETED``
-            so that a write failure on the saving rank stops every rank instead of leaving them in a collective.
+        sync_errors: in a distributed run, agree across ranks (small all-reduces on a gloo group of the saver's
+            own) at every checkpoint event, at ``COMPLETED`` and, with a preemption signal, at every iteration end,
+            so that every rank raises on a failure, skips with ``overflow="skip"`` and acts on a preemption signal
+            together instead of leaving the others in a collective. ``False`` turns all of it off.
         exit_timeout: seconds the interpreter-exit hook waits for pending writes before it reports the ones it
             could not finish (``None``: wait as long as it takes).
         direct_io: write the large records of a checkpoint with ``O_DIRECT``, straight from the staging buffers,

@@ -30,7 +30,7 @@ from async_ckpt.serialize import serialize
 from async_ckpt.snapshot import Staged, Stager, flatten, unflatten
 from async_ckpt.storage import FileStorage
 from async_ckpt.telemetry import SaveStats, Telemetry
-from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient, set_exit_timeout
+from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient
 
 __all__ = ["AsyncSaveHandler", "RankAgreement", "SavePipeline", "attach_failure", "save_dict_objects", "state_of"]
 
@@ -149,14 +149,17 @@ class SavePipeline:
         self.save_dict = save_dict
         self.options = options
         self.stager = Stager(options.max_pending)
-        self.client = WriterClient(storage if storage is not None else FileStorage(fsync=options.fsync), name=name)
+        self.client = WriterClient(
+            storage if storage is not None else FileStorage(fsync=options.fsync, direct_io=options.direct_io),
+            name=name,
+            exit_timeout=options.exit_timeout,
+        )
         self.telemetry = Telemetry()
         self._logger = logger
         self._last: _LastJob | None = None
         self._deferred: list[Staged] = []
         self._hooks: dict[int, Any] = {}
         self.on_durable: Callable[[SaveStats], None] | None = None
-        set_exit_timeout(options.exit_timeout)
 
     # -- the training-thread path --------------------------------------------------------------------------------
     def save(
@@ -210,18 +213,28 @@ class SavePipeline:
         def produce(f: Any) -> None:
             serialize(tree, f)
 
+        def record(result: JobResult) -> None:
+            # Before the evictions: the manifest never names a file that is already gone.
+            update_manifest(
+                self.client.storage,
+                os.path.dirname(path),
+                {os.path.basename(path): entry_for(path, {"reason": reason, **(info or {})})},
+                [os.path.basename(p) for p in removes if p != path],
+            )
+
         def done(result: JobResult) -> None:
             staged.release()
             self._record(path, reason, result, t0, blocking, staged, reused)
-            if result.ok and self.options.manifest:
-                update_manifest(
-                    self.client.storage,
-                    os.path.dirname(path),
-                    {os.path.basename(path): entry_for(path, {"reason": reason, **(info or {})})},
-                    [os.path.basename(p) for p in result.removed],
-                )
 
-        job = WriteJob(path, produce, link_from=link_from, removes=removes, before=staged.wait_ready, on_done=done)
+        job = WriteJob(
+            path,
+            produce,
+            link_from=link_from,
+            removes=removes,
+            before=staged.wait_ready,
+            after_commit=record if self.options.manifest else None,
+            on_done=done,
+        )
         try:
             self.client.submit(job)
         except BaseException:
@@ -307,6 +320,7 @@ class SavePipeline:
             durable_s=(result.durable_at - t0) if result.ok else float("nan"),
             linked=result.linked,
             reused_snapshot=reused,
+            io_path=times.io_path,
         )
         self.telemetry.record(stats)
         if result.ok and self.on_durable is not None:
@@ -332,7 +346,8 @@ def failure_to_error(failure: Failure, more: int) -> CheckpointWriteError:
         "remove": "remove an evicted file after writing",
         "link": "link",
         "stage": "copy the state for",
-        "callback": "finish (manifest update or on_durable callback) the durable",
+        "record": "record in the manifest the durable",
+        "callback": "finish (on_durable callback) the durable",
     }.get(failure.stage, "write")
     extra = f" ({more} more save(s) of this saver failed after it)" if more else ""
     err = CheckpointWriteError(

@@ -36,7 +36,7 @@ from async_ckpt.save_handler import (
     failure_to_error,
     save_dict_objects,
 )
-from async_ckpt.storage import FileStorage
+from async_ckpt.storage import DirectIO, FileStorage
 
 if TYPE_CHECKING:
     from async_ckpt.telemetry import SaveStats, Telemetry
@@ -89,6 +89,9 @@ class AsyncCheckpointSaver:
         dedup: stage and serialize once when several checkpoints are due for the same unchanged state.
         manifest: keep ``.async_ckpt_manifest.json`` (size, checksum, step, score, reason per durable file).
         exit_timeout: seconds the interpreter-exit hook waits for pending writes (``None``: unbounded).
+        direct_io: ``"auto"`` (default) writes the large aligned spans of each record with ``O_DIRECT`` from the
+            staging buffers (no page-cache copy) where the file system allows it, and buffered elsewhere;
+            ``True`` fails a save where ``O_DIRECT`` is refused; ``False`` always writes through the page cache.
         sync_errors: in a distributed run, agree across ranks (small all-reduces on a gloo group of the saver's
             own) at every checkpoint event, at ``COMPLETED`` and, with ``preempt_signal``, at every iteration end,
             so that every rank raises on a failure, skips with ``overflow="skip"`` and acts on a preemption signal
@@ -144,6 +147,7 @@ class AsyncCheckpointSaver:
         manifest: bool = True,
         exit_timeout: float | None = 600.0,
         sync_errors: bool = True,
+        direct_io: DirectIO = "auto",
         prewarm: bool = False,
         on_durable: Callable[[SaveStats], None] | None = None,
         resume: bool = False,
@@ -166,6 +170,7 @@ class AsyncCheckpointSaver:
             manifest=manifest,
             sync_errors=sync_errors,
             exit_timeout=exit_timeout,
+            direct_io=direct_io,
         )
         self.logger = logging.getLogger(name)
         self.epoch_level = epoch_level
@@ -191,6 +196,9 @@ class AsyncCheckpointSaver:
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved}.")
         self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
         self._pipeline.on_durable = on_durable
+        if (save_final or save_key_metric or save_interval > 0) and idist.get_rank() == 0:
+            # Before ignite's DiskSaver would create it: a new directory must be fsynced into its parent too.
+            self._pipeline.client.storage.make_dirs(str(save_dir))
         self._handlers: dict[int, AsyncSaveHandler] = {}
 
         if save_final:

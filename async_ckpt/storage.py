@@ -386,7 +386,7 @@ class FileStorage:
             The directories this call created, outermost first.
 
         Raises:
-            OSError: a level could not be created (``FileExistsError`` where a file holds the name).
+            OSError: a level could not be created (``NotADirectoryError`` where a file holds the name).
         """
         missing: list[str] = []
         level = os.path.abspath(path)
@@ -402,7 +402,9 @@ class FileStorage:
                 self._mkdir(directory)
             except FileExistsError:
                 if not os.path.isdir(directory):
-                    raise
+                    raise NotADirectoryError(
+                        errno.ENOTDIR, "exists but is not a directory; pass a directory path", directory
+                    ) from None
                 continue  # made by someone else meanwhile (another rank): its creator makes it durable
             created.append(directory)
             self.sync_dir(os.path.dirname(directory))

@@ -125,5 +125,7 @@ def test_make_dirs_fsyncs_each_new_directory_in_its_parent(tmp_path: Path) -> No
 def test_make_dirs_refuses_a_file_in_the_way(tmp_path: Path) -> None:
     """A file where a directory level should be is an error, not silently accepted."""
     (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        FileStorage().make_dirs(str(tmp_path / "f"))
     with pytest.raises(OSError):
         FileStorage().make_dirs(str(tmp_path / "f" / "sub"))

@@ -277,9 +277,10 @@ class SavePipeline:
         while self._deferred:
             self._deferred.pop(0).guard()
 
-    def prewarm(self) -> int:
-        """Allocate the staging buffers for the current layout of the state now (see ``Stager.prewarm``)."""
-        return self.stager.prewarm(flatten(state_of(self.save_dict)).tensors)
+    def prewarm(self) -> None:
+        """Start allocating and touching the staging buffers for the current layout of the state on a background
+        thread, so that no save pays for them (see ``Stager.prewarm_async``); returns at once."""
+        self.stager.prewarm_async(flatten(state_of(self.save_dict)).tensors)
 
     def has_free_slot(self) -> bool:
         """Whether a save could be staged now without waiting for the writer."""
@@ -296,6 +297,7 @@ class SavePipeline:
     def close(self, timeout: float | None = None) -> bool:
         self.settle()
         finished = self.client.close(timeout)
+        self.stager.close()
         for handle in self._hooks.values():
             handle.remove()
         self._hooks.clear()

@@ -96,9 +96,10 @@ class AsyncCheckpointSaver:
             own) at every checkpoint event, at ``COMPLETED`` and, with ``preempt_signal``, at every iteration end,
             so that every rank raises on a failure, skips with ``overflow="skip"`` and acts on a preemption signal
             together (see docs/distributed.md). ``False`` turns all of it off.
-        prewarm: allocate and touch the staging buffers at ``attach`` instead of during the first save (useful for
-            large or pinned states), and again after the first iteration if the state grew by then (optimizers
-            such as Adam create their state at their first step).
+        prewarm: allocate and touch the staging buffers on a background thread from ``attach`` on (default), and
+            again after the first iteration if the state grew by then (optimizers such as Adam create their state
+            at their first step), so that the first save costs what a later one does; ``False`` allocates them in
+            the first save.
         on_durable: called with the :class:`~async_ckpt.SaveStats` of each checkpoint once its file is durable,
             on the writer thread (keep it short; an exception in it is reported like a write failure). ignite's
             ``Checkpoint.SAVED_CHECKPOINT`` event, by contrast, fires when the snapshot is taken and queued.
@@ -148,7 +149,7 @@ class AsyncCheckpointSaver:
         exit_timeout: float | None = 600.0,
         sync_errors: bool = True,
         direct_io: DirectIO = "auto",
-        prewarm: bool = False,
+        prewarm: bool = True,
         on_durable: Callable[[SaveStats], None] | None = None,
         resume: bool = False,
         preempt_signal: int | None = None,
@@ -338,9 +339,7 @@ class AsyncCheckpointSaver:
         if self._prewarmed_after_step:
             return
         self._prewarmed_after_step = True
-        made = self._pipeline.prewarm()
-        if made:
-            self.logger.info(f"async_ckpt: the state grew after attach (optimizer state); re-prewarmed {made} set(s)")
+        self._pipeline.prewarm()  # a no-op when the layout did not change since attach
 
     def _delete_previous_final_ckpt(self) -> None:
         if self._final_checkpoint is not None:

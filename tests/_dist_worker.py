@@ -54,6 +54,7 @@ from typing import Any, BinaryIO
 
 import torch
 import torch.distributed as dist
+from _doubles import NoSpaceStorage
 from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
 
@@ -166,13 +167,6 @@ class RecordingStorage(FileStorage):
     def remove(self, path: str) -> bool:
         self.calls.append(f"remove {path}")
         return super().remove(path)
-
-
-class NoSpaceStorage(FileStorage):
-    """A full disk: every fsync fails with ``ENOSPC``."""
-
-    def _fsync_fd(self, fd: int) -> None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def build_training(rank: int, batches: int = 3) -> tuple[DistributedDataParallel, torch.optim.Optimizer, Engine, list]:  # type: ignore[type-arg]

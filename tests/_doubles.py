@@ -7,8 +7,10 @@ under pytest.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
+import stat
 import threading
 import time
 from typing import BinaryIO
@@ -16,6 +18,16 @@ from typing import BinaryIO
 from async_ckpt.storage import TMP_MARKER, FileStorage
 
 GATE_TIMEOUT = 30.0  # seconds a gated write waits before it fails instead of hanging the test
+
+
+class NoSpaceStorage(FileStorage):
+    """A full disk: every fsync of a file's data fails with ``ENOSPC`` (directory fsyncs still work)."""
+
+    def _fsync_fd(self, fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            super()._fsync_fd(fd)
+            return
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 class SlowStorage(FileStorage):

@@ -16,6 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
+from async_ckpt.snapshot import PREWARM_THREAD_NAME
 from async_ckpt.storage import TMP_MARKER
 from async_ckpt.writer import THREAD_NAME, flush_all
 
@@ -185,9 +186,10 @@ def no_leaked_writer() -> Iterator[None]:
     """Fail a test that leaves the writer thread running (an unclosed saver with work still queued)."""
     yield
     leftovers = flush_all(timeout=30)
+    watched = (THREAD_NAME, "async_ckpt-stage", PREWARM_THREAD_NAME)
     for t in threading.enumerate():
-        if t.name == THREAD_NAME:
+        if t.name in (THREAD_NAME, PREWARM_THREAD_NAME):  # both end by themselves once their work is done
             t.join(timeout=10)
-    alive = [t.name for t in threading.enumerate() if t.name in (THREAD_NAME, "async_ckpt-stage") and t.is_alive()]
+    alive = [t.name for t in threading.enumerate() if t.name in watched and t.is_alive()]
     assert not leftovers, f"writes still pending after the test: {leftovers}"
     assert not alive, f"threads left running after the test: {alive}"

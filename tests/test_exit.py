@@ -178,7 +178,7 @@ def test_staging_memory_does_not_grow_over_100_saves(tmp_path: Path) -> None:
     memory_bytes() and allocations stay constant."""
     t = make_training(batches=100)
     storage = GatedStorage()  # holds the writes until iteration 2, so the second save needs a second set of buffers
-    saver = iteration_saver(tmp_path, t, n_saved=2, max_pending=2, storage=storage)
+    saver = iteration_saver(tmp_path, t, n_saved=2, max_pending=2, storage=storage, prewarm=False)
     saver.attach(t.engine)
     stager = saver._pipeline.stager
     seen: list[tuple[int, int]] = []

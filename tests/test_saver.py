@@ -226,6 +226,7 @@ def test_prewarm_at_attach_takes_allocation_off_the_first_save(tmp_path: os.Path
     _step_again(tr.net, tr.opt)  # the optimizer state exists, so the layout is final
     with AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=1, prewarm=True) as saver:
         saver.attach(tr.engine)
+        assert saver._pipeline.stager.join_prewarm(timeout=60)  # prewarm runs in the background
         assert saver._pipeline.stager.allocations == 2
         tr.engine.run(tr.data, max_epochs=3)
     assert saver._pipeline.stager.allocations == 2
@@ -238,13 +239,16 @@ def test_prewarm_follows_optimizer_state_created_at_the_first_step(tmp_path: os.
     saver = AsyncCheckpointSaver(str(tmp_path), tr.save_dict, save_interval=2, epoch_level=False, prewarm=True)
     saver.attach(tr.engine)
     stager = saver._pipeline.stager
+    assert stager.join_prewarm(timeout=60)  # prewarm runs in the background
     assert stager.allocations == 2
     at_attach = stager.memory_bytes()
     tr.engine.run(tr.data, max_epochs=3)
-    saver.close()
+    assert stager.join_prewarm(timeout=60)
     assert stager.allocations == 4  # 2 at attach, 2 after the first step; none during the 4 saves
     assert stager.memory_bytes() > at_attach
     assert len(stager._free) == 2
+    saver.close()
+    assert stager.memory_bytes() == 0  # close() gives the free sets back
     assert len(checkpoint_names(tmp_path)) == 4
 
 

@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from pathlib import Path
 
 import pytest
+from _doubles import NoSpaceStorage
 from conftest import checkpoint_names, iteration_saver, make_training
 from ignite.engine import Engine, Events
 
-from async_ckpt import AsyncCheckpointSaver, CheckpointWriteError, FileStorage
-
-
-class NoSpaceStorage(FileStorage):
-    """A full disk: every fsync of a file fails with ``ENOSPC`` (directories sync normally)."""
-
-    def _fsync_fd(self, fd: int) -> None:
-        if not os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        super()._fsync_fd(fd)
+from async_ckpt import AsyncCheckpointSaver, CheckpointWriteError
 
 
 class NoNotesError(RuntimeError):

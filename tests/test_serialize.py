@@ -145,7 +145,8 @@ def test_a_failing_write_is_raised_and_leaves_no_file(tmp_path: Path) -> None:
 
     path = tmp_path / "ckpt.pt"
     with pytest.raises(OSError) as info:
-        Full().write_atomic(str(path), lambda f: serialize(_state(), f))
+        # buffered: the direct path would take records whose memory happens to be page aligned past this double
+        Full(direct_io=False).write_atomic(str(path), lambda f: serialize(_state(), f))
     assert info.value.errno == 28
     assert os.listdir(tmp_path) == []
 

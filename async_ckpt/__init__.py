@@ -1,8 +1,15 @@
-"""async_ckpt: PyTorch checkpoints written in the background, durably; a drop-in for MONAI's CheckpointSaver."""
+"""async_ckpt: PyTorch checkpoints written in the background, durably.
+
+``Checkpointer`` serves a plain training loop; ``AsyncCheckpointSaver`` is a drop-in for MONAI's ``CheckpointSaver``
+(an ignite handler); ``async_ckpt.lightning.AsyncCheckpointIO`` is a Lightning ``CheckpointIO`` plugin and
+``async_ckpt.sharded`` saves ``torch.distributed.checkpoint`` states. All of them share one background writer.
+"""
 
 from async_ckpt._version import __version__
+from async_ckpt.checkpointer import Checkpointer, CheckpointInfo, SaveHandle
 from async_ckpt.errors import AsyncCheckpointError, CheckpointWriteError, SnapshotError, WriterClosedError
 from async_ckpt.options import AsyncOptions
+from async_ckpt.resume import latest_checkpoint
 from async_ckpt.saver import AsyncCheckpointSaver
 from async_ckpt.storage import FileStorage
 from async_ckpt.telemetry import SaveStats
@@ -11,10 +18,14 @@ __all__ = [
     "AsyncCheckpointError",
     "AsyncCheckpointSaver",
     "AsyncOptions",
+    "CheckpointInfo",
     "CheckpointWriteError",
+    "Checkpointer",
     "FileStorage",
+    "SaveHandle",
     "SaveStats",
     "SnapshotError",
     "WriterClosedError",
     "__version__",
+    "latest_checkpoint",
 ]

@@ -209,12 +209,16 @@ def test_public_api_is_pinned() -> None:
         "AsyncCheckpointError",
         "AsyncCheckpointSaver",
         "AsyncOptions",
+        "CheckpointInfo",
         "CheckpointWriteError",
+        "Checkpointer",
         "FileStorage",
+        "SaveHandle",
         "SaveStats",
         "SnapshotError",
         "WriterClosedError",
         "__version__",
+        "latest_checkpoint",
     ]
     for name in async_ckpt.__all__:
         assert getattr(async_ckpt, name) is not None

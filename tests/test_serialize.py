@@ -182,3 +182,16 @@ def test_a_pickling_error_finishes_the_writer_before_the_file_closes(tmp_path: P
         FileStorage().write_atomic(str(tmp_path / "ckpt.pt"), lambda f: serialize(state, f))
     gc.collect()
     assert os.listdir(tmp_path) == []
+
+
+def test_crc32_is_zlib_ngs_and_equals_zlibs() -> None:
+    """The installed dependency zlib-ng computes the CRC-32s (the fast path is not silently lost), with the same
+    values as the standard library's zlib, including a running CRC continued over a second buffer."""
+    import zlib
+
+    import async_ckpt.serialize as ser
+
+    assert ser._crc32 is not zlib.crc32 and ser._CRC_HELPERS == 0
+    data = os.urandom(1 << 20)
+    assert ser._crc32(data) == zlib.crc32(data)
+    assert ser._crc32(data[512:], ser._crc32(data[:512])) == zlib.crc32(data)

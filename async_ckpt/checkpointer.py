@@ -39,7 +39,7 @@ from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.resume import remove_stale_temp_files
 from async_ckpt.retention import Decision, Entry, Mode, Retention, entries_from_manifest
 from async_ckpt.save_handler import SavePipeline, attach_failure, failure_to_error
-from async_ckpt.storage import FileStorage
+from async_ckpt.storage import FileStorage, check_local_dir
 from async_ckpt.telemetry import SaveStats, Telemetry
 from async_ckpt.writer import Failure, WriteJob
 
@@ -182,6 +182,7 @@ class Checkpointer:
         name: str = "checkpointer",
     ) -> None:
         self.directory = os.fspath(directory)
+        check_local_dir(self.directory, "directory")
         self.retention = Retention(keep_last, keep_best, metric, mode)
         self.options = AsyncOptions(
             max_pending=max_pending,

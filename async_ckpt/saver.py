@@ -36,7 +36,7 @@ from async_ckpt.save_handler import (
     failure_to_error,
     save_dict_objects,
 )
-from async_ckpt.storage import DirectIO, FileStorage
+from async_ckpt.storage import DirectIO, FileStorage, check_local_dir
 
 if TYPE_CHECKING:
     from async_ckpt.telemetry import SaveStats, Telemetry
@@ -158,6 +158,7 @@ class AsyncCheckpointSaver:
     ) -> None:
         if save_dir is None:
             raise AssertionError("must provide directory to save the checkpoints.")
+        check_local_dir(os.fspath(save_dir), "save_dir")
         self.save_dir = save_dir
         if not (save_dict is not None and len(save_dict) > 0):
             raise AssertionError("must provide source objects to save.")

@@ -32,7 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, Literal
 
-__all__ = ["DIRECT_ALIGNMENT", "TMP_MARKER", "DirectIO", "FileStorage", "WriteTimes", "is_temp_name", "temp_owner"]
+__all__ = [
+    "DIRECT_ALIGNMENT",
+    "TMP_MARKER",
+    "DirectIO",
+    "FileStorage",
+    "WriteTimes",
+    "check_local_dir",
+    "is_temp_name",
+    "temp_owner",
+]
 
 logger = logging.getLogger("async_ckpt")
 
@@ -61,6 +70,20 @@ def temp_owner(name: str, fields: int = 3) -> tuple[str, int] | None:
     if len(parts) != fields or not parts[1].isdigit():
         return None
     return parts[0], int(parts[1])
+
+
+def check_local_dir(directory: str, argument: str) -> None:
+    """Refuse a URL where a local directory is needed, instead of creating a directory named ``s3:``.
+
+    Raises:
+        ValueError: ``directory`` looks like ``scheme://...``.
+    """
+    scheme, sep, _ = directory.partition("://")
+    if sep and scheme and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(
+            f"{argument}={directory!r} is a URL; async_ckpt writes to a local (or mounted) directory only for now. "
+            "Pass a local path, or write locally and copy the checkpoints to the object store yourself."
+        )
 
 
 def is_temp_name(name: str) -> bool:

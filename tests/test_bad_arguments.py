@@ -294,3 +294,20 @@ def test_unusual_key_metric_values(
         assert trees_equal(ours.files[name], ref.files[name]), name
     assert type(ours.error) is type(ref.error)
     assert ours.warning_categories == ref.warning_categories
+
+
+@pytest.mark.parametrize("url", ["s3://ckpt/run1", "gs://bucket/prefix", "file+s3://x"])
+def test_a_url_save_dir_is_refused_instead_of_becoming_a_local_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """A URL as save_dir raises a ValueError that says so, and creates nothing (it used to write into a local
+    directory named 's3:'); the Checkpointer refuses it the same way."""
+    from async_ckpt import Checkpointer
+
+    monkeypatch.chdir(tmp_path)
+    t = make_training(0)
+    with pytest.raises(ValueError, match="is a URL"):
+        AsyncCheckpointSaver(url, t.save_dict, save_interval=1)
+    with pytest.raises(ValueError, match="is a URL"):
+        Checkpointer(url)
+    assert os.listdir(tmp_path) == []

@@ -38,7 +38,7 @@ from async_ckpt.integrity import read_manifest, update_manifest
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.resume import remove_stale_temp_files
 from async_ckpt.retention import Decision, Entry, Mode, Retention, entries_from_manifest
-from async_ckpt.save_handler import SavePipeline, attach_failure, failure_to_error
+from async_ckpt.save_handler import SavePipeline, close_on_exit, failure_to_error
 from async_ckpt.storage import FileStorage, check_local_dir
 from async_ckpt.telemetry import SaveStats, Telemetry
 from async_ckpt.writer import Failure, WriteJob
@@ -339,13 +339,7 @@ class Checkpointer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Close; an exception leaving the ``with`` block stays the one raised (a write failure is attached)."""
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as failure:
-            attach_failure(exc, failure, logger)
+        close_on_exit(self.close, exc, logger)
 
     # -- resuming ------------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[CheckpointInfo]:

@@ -380,6 +380,18 @@ def attach_failure(exc: BaseException, failure: BaseException, log: logging.Logg
         add_note(f"async_ckpt: a checkpoint also failed while this exception was ending training: {failure!r}")
 
 
+def close_on_exit(close: Callable[[], None], exc: BaseException | None, log: logging.Logger) -> None:
+    """``__exit__`` of a saver: ``close()``; if an exception is leaving the block, it stays the one raised and a
+    failure of ``close()`` is attached to it (see :func:`attach_failure`)."""
+    if exc is None:
+        close()
+        return
+    try:
+        close()
+    except Exception as failure:
+        attach_failure(exc, failure, log)
+
+
 class AsyncSaveHandler(DiskSaver):
     """ignite ``BaseSaveHandler`` that snapshots at the call and writes in the background.
 

@@ -33,6 +33,7 @@ from async_ckpt.save_handler import (
     RankAgreement,
     SavePipeline,
     attach_failure,
+    close_on_exit,
     failure_to_error,
     save_dict_objects,
 )
@@ -431,13 +432,7 @@ class AsyncCheckpointSaver:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         """Close; an exception leaving the ``with`` block stays the one raised (a write failure is attached)."""
-        if exc is None:
-            self.close()
-            return
-        try:
-            self.close()
-        except Exception as failure:
-            attach_failure(exc, failure, self.logger)
+        close_on_exit(self.close, exc, self.logger)
 
     def raise_pending(self, *, sync: bool = False) -> None:
         """Raise the first background failure not reported yet (and forget the rest of them).

@@ -15,9 +15,25 @@ import threading
 import time
 from typing import BinaryIO
 
-from async_ckpt.storage import TMP_MARKER, FileStorage
+from async_ckpt.storage import TMP_MARKER, DirectIO, FileStorage
 
 GATE_TIMEOUT = 30.0  # seconds a gated write waits before it fails instead of hanging the test
+
+
+class CallOrderStorage(FileStorage):
+    """Records the order of the commit protocol's system calls (file or directory fsync, rename)."""
+
+    def __init__(self, direct_io: DirectIO = "auto") -> None:
+        super().__init__(fsync=True, direct_io=direct_io)
+        self.calls: list[str] = []
+
+    def _fsync_fd(self, fd: int) -> None:
+        self.calls.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        super()._fsync_fd(fd)
+
+    def _replace(self, src: str, dst: str) -> None:
+        self.calls.append("replace")
+        super()._replace(src, dst)
 
 
 class NoSpaceStorage(FileStorage):

@@ -10,7 +10,6 @@ import logging
 import mmap
 import os
 import shutil
-import stat
 import struct
 import tempfile
 import zipfile
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from _doubles import direct_io_refusal
+from _doubles import CallOrderStorage, direct_io_refusal
 from conftest import trees_equal
 
 import async_ckpt.storage as storage_mod
@@ -141,13 +140,12 @@ def test_unaligned_memory_goes_buffered_for_that_record_only(direct_dir: Path) -
     assert trees_equal(torch.load(path, weights_only=True), state)
 
 
-class CheckedDirect(FileStorage):
+class CheckedDirect(CallOrderStorage):
     """Checks, at each O_DIRECT write, what the kernel requires and what keeps the two descriptors apart."""
 
     def __init__(self) -> None:
-        super().__init__(fsync=True, direct_io=True)
+        super().__init__(direct_io=True)
         self.spans: list[tuple[int, int]] = []
-        self.calls: list[str] = []
 
     def _pwrite_direct(self, fd: int, view: memoryview, offset: int) -> int:
         assert offset % A == 0 and view.nbytes % A == 0 and storage_mod._address(view) % A == 0
@@ -156,14 +154,6 @@ class CheckedDirect(FileStorage):
         self.spans.append((offset, view.nbytes))
         self.calls.append("pwrite-direct")
         return super()._pwrite_direct(fd, view, offset)
-
-    def _fsync_fd(self, fd: int) -> None:
-        self.calls.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
-        super()._fsync_fd(fd)
-
-    def _replace(self, src: str, dst: str) -> None:
-        self.calls.append("replace")
-        super()._replace(src, dst)
 
 
 def test_direct_writes_are_aligned_and_follow_flushed_buffered_bytes(direct_dir: Path) -> None:

@@ -9,29 +9,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from _doubles import CallOrderStorage
 
 from async_ckpt.storage import TMP_MARKER, FileStorage, is_temp_name
 
 
-class CountingStorage(FileStorage):
-    """Records the order of system calls, to pin the commit protocol."""
-
-    def __init__(self) -> None:
-        super().__init__(fsync=True)
-        self.calls: list[str] = []
-
-    def _fsync_fd(self, fd: int) -> None:
-        self.calls.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
-        super()._fsync_fd(fd)
-
-    def _replace(self, src: str, dst: str) -> None:
-        self.calls.append("replace")
-        super()._replace(src, dst)
-
-
 def test_commit_protocol_order(tmp_path: os.PathLike[str]) -> None:
     """The file is fsynced before the rename, and the directory after it."""
-    storage = CountingStorage()
+    storage = CallOrderStorage()
     path = os.path.join(tmp_path, "a.pt")
     times = storage.write_atomic(path, lambda f: f.write(b"x" * 1000))
     assert storage.calls == ["fsync-file", "replace", "fsync-dir"]

@@ -195,12 +195,10 @@ class _Worker:
         self._running: WriterClient | None = None  # whose job the worker is running now
         # Weak: a saver that is dropped without close() must not keep its buffers alive through the writer.
         self._clients: weakref.WeakSet[WriterClient] = weakref.WeakSet()
-        self._newest: weakref.ref[WriterClient] | None = None
 
     def register(self, client: WriterClient) -> None:
         with self._lock:
             self._clients.add(client)
-            self._newest = weakref.ref(client)
 
     def clients(self) -> list[WriterClient]:
         """Live clients: those not closed, and closed ones whose jobs are still queued (the queue holds them)."""
@@ -214,11 +212,6 @@ class _Worker:
                 seen.add(id(c))
                 clients.append(c)
         return clients
-
-    def newest(self) -> WriterClient | None:
-        """The client registered last, if it is still alive."""
-        with self._lock:
-            return self._newest() if self._newest is not None else None
 
     def unregister(self, client: WriterClient) -> None:
         with self._lock:
@@ -343,18 +336,6 @@ def worker_alive() -> bool:
 
 
 _DEFAULT_EXIT_TIMEOUT = 600.0
-
-
-def set_exit_timeout(seconds: float | None, client: WriterClient | None = None) -> None:
-    """Set how long the interpreter-exit hook may wait for ``client``'s pending jobs (``None``: no limit).
-
-    Prefer ``WriterClient(exit_timeout=...)``. Without ``client`` this applies to the most recently created client
-    (the form savers used when the timeout was process-wide); either way it lasts only as long as that client has
-    work pending.
-    """
-    target = client if client is not None else _worker.newest()
-    if target is not None:
-        target.exit_timeout = seconds
 
 
 def _exit_timeout() -> float | None:

@@ -180,10 +180,6 @@ class RecordingStorage(FileStorage):
             self._next_ino += 1
             return self._next_ino
 
-    def note_mkdir(self, path: str) -> None:
-        """Log that ``path`` is a directory about to be created outside the storage (e.g. by ignite's DiskSaver)."""
-        self._log("mkdir", path=_abs(path))
-
     def note_reported(self, path: str) -> None:
         """Log that the saver reported ``path`` durable to its user (its ``on_durable`` callback ran)."""
         path = _abs(path)

@@ -6,13 +6,13 @@
 """
 
 from async_ckpt._version import __version__
-from async_ckpt.checkpointer import Checkpointer, CheckpointInfo, SaveHandle
+from async_ckpt.core.checkpointer import Checkpointer, CheckpointInfo, SaveHandle
+from async_ckpt.core.resume import latest_checkpoint
 from async_ckpt.errors import AsyncCheckpointError, CheckpointWriteError, SnapshotError, WriterClosedError
+from async_ckpt.ignite.saver import AsyncCheckpointSaver
 from async_ckpt.options import AsyncOptions
-from async_ckpt.resume import latest_checkpoint
-from async_ckpt.saver import AsyncCheckpointSaver
-from async_ckpt.storage import FileStorage
-from async_ckpt.telemetry import SaveStats
+from async_ckpt.pipeline.storage import FileStorage
+from async_ckpt.pipeline.telemetry import SaveStats
 
 __all__ = [
     "AsyncCheckpointError",

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from async_ckpt._version import __version__
-from async_ckpt.integrity import VerifyResult, read_manifest, verify
-from async_ckpt.resume import LatestSearch, find_latest
-from async_ckpt.storage import is_temp_name
+from async_ckpt.core.resume import LatestSearch, find_latest
+from async_ckpt.pipeline.integrity import VerifyResult, read_manifest, verify
+from async_ckpt.pipeline.storage import is_temp_name
 
 __all__ = ["EXIT_CHECKPOINT", "EXIT_OK", "EXIT_USAGE", "main"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from async_ckpt.storage import DirectIO
+from async_ckpt.pipeline.storage import DirectIO
 
 OverflowPolicy = Literal["block", "skip"]
 SnapshotMode = Literal["eager", "overlap"]

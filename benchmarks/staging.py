@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from async_ckpt.snapshot import Stager, flatten
+from async_ckpt.pipeline.snapshot import Stager, flatten
 from benchmarks.common import describe_machine, machine_info, median
 
 MiB = 2**20

@@ -81,7 +81,7 @@ TARGET_EVERY = 20
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 WARMUP_STEPS = 2  # untimed steps before each run
 MIN_PLAIN_STEPS = 5  # fewer plain steps than this in a run: its baseline is the same round's 'none' run
-METADATA_FILES = {".async_ckpt_manifest.json"}  # async_ckpt's per-directory manifest (async_ckpt.integrity)
+METADATA_FILES = {".async_ckpt_manifest.json"}  # async_ckpt's per-directory manifest (async_ckpt.pipeline.integrity)
 _ITER_RE = re.compile(r"(\d+)(?:\.pt)?$")
 
 

@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-from async_ckpt.integrity import entry_for, update_manifest
-from async_ckpt.serialize import serialize
-from async_ckpt.snapshot import Stager, flatten, unflatten
-from async_ckpt.storage import FileStorage
+from async_ckpt.pipeline.integrity import entry_for, update_manifest
+from async_ckpt.pipeline.serialize import serialize
+from async_ckpt.pipeline.snapshot import Stager, flatten, unflatten
+from async_ckpt.pipeline.storage import FileStorage
 from benchmarks.common import describe_machine, disk_write_probe, fsync_dir, machine_info, median
 
 MiB = 2**20

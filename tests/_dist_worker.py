@@ -59,7 +59,7 @@ from ignite.engine import Engine, Events
 from torch.nn.parallel import DistributedDataParallel
 
 from async_ckpt import AsyncCheckpointSaver, CheckpointWriteError, FileStorage
-from async_ckpt.storage import _HOST, TMP_MARKER
+from async_ckpt.pipeline.storage import _HOST, TMP_MARKER
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=45)
 METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import BinaryIO
 
-from async_ckpt.storage import TMP_MARKER, DirectIO, FileStorage
+from async_ckpt.pipeline.storage import TMP_MARKER, DirectIO, FileStorage
 
 GATE_TIMEOUT = 30.0  # seconds a gated write waits before it fails instead of hanging the test
 

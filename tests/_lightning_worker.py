@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from async_ckpt.lightning import AsyncCheckpointIO
-from async_ckpt.storage import FileStorage
+from async_ckpt.pipeline.storage import FileStorage
 
 
 class Tiny(LightningModule):

@@ -41,7 +41,7 @@ from conftest import make_step
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.integrity import verify
+from async_ckpt.pipeline.integrity import verify
 
 torch.set_num_threads(1)
 

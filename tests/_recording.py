@@ -1,6 +1,6 @@
 """A recording storage and a POSIX power-loss model, for crash-state enumeration (not a test module).
 
-:class:`RecordingStorage` is a real :class:`~async_ckpt.storage.FileStorage` that does every operation on disk and
+:class:`RecordingStorage` is a real ``FileStorage`` that does every operation on disk and
 also appends it to an ordered log: file creation, writes (buffered, and ``O_DIRECT`` through ``_open_direct`` /
 ``_pwrite_direct``), file fsyncs (with a snapshot of the file's bytes), closes,
 renames, links, unlinks and directory fsyncs, plus ``begin``/``durable`` markers around each ``write_atomic`` /
@@ -18,7 +18,7 @@ guarantees beyond fsync):
   name that can point at such a file shows up as a violation; a fsynced, unchanged file holds its fsynced bytes.
 
 :func:`materialize` writes one crash state into a scratch directory, so the real readers (``torch.load``, the
-manifest reader, :func:`async_ckpt.resume.latest_checkpoint`) can be run on it.
+manifest reader, :func:`async_ckpt.core.resume.latest_checkpoint`) can be run on it.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from async_ckpt.integrity import MANIFEST_NAME
-from async_ckpt.storage import TMP_MARKER, FileStorage, WriteTimes
+from async_ckpt.pipeline.integrity import MANIFEST_NAME
+from async_ckpt.pipeline.storage import TMP_MARKER, FileStorage, WriteTimes
 
 DIR_KINDS = frozenset({"create", "rename", "link", "unlink", "mkdir"})
 

@@ -42,8 +42,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from async_ckpt import FileStorage
+from async_ckpt.pipeline.storage import TMP_MARKER
 from async_ckpt.sharded import ShardedCheckpointSaver, load
-from async_ckpt.storage import TMP_MARKER
 
 WORKER = Path(__file__).resolve()
 

@@ -16,9 +16,9 @@ import torch
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.snapshot import PREWARM_THREAD_NAME
-from async_ckpt.storage import TMP_MARKER
-from async_ckpt.writer import THREAD_NAME, flush_all
+from async_ckpt.pipeline.snapshot import PREWARM_THREAD_NAME
+from async_ckpt.pipeline.storage import TMP_MARKER
+from async_ckpt.pipeline.writer import THREAD_NAME, flush_all
 
 METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)  # make_training's "acc" at the end of epochs 1, 2, ...
 # Saver arguments that keep every kind of checkpoint: the final one, the best two by "acc" and the last two epochs.

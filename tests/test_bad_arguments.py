@@ -22,7 +22,7 @@ from conftest import Training, make_training, trees_equal
 from monai.handlers import CheckpointSaver
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.integrity import MANIFEST_NAME
+from async_ckpt.pipeline.integrity import MANIFEST_NAME
 
 
 class _NoState:

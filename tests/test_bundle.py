@@ -14,7 +14,7 @@ from ignite.engine import Events
 from ignite.handlers import Checkpoint
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.integrity import MANIFEST_NAME
+from async_ckpt.pipeline.integrity import MANIFEST_NAME
 
 bundle = pytest.importorskip("monai.bundle", reason="monai.bundle is not available")
 engines = pytest.importorskip("monai.engines", reason="monai.engines is not available")

@@ -15,10 +15,10 @@ import torch
 from _doubles import GatedStorage
 from conftest import checkpoint_names, clone_tree, load_checkpoint, trees_equal
 
-from async_ckpt.checkpointer import Checkpointer
+from async_ckpt.core.checkpointer import Checkpointer
 from async_ckpt.errors import CheckpointWriteError, SnapshotError, WriterClosedError
-from async_ckpt.storage import FileStorage
-from async_ckpt.telemetry import SaveStats
+from async_ckpt.pipeline.storage import FileStorage
+from async_ckpt.pipeline.telemetry import SaveStats
 
 TIMEOUT = 30.0
 
@@ -265,7 +265,7 @@ def test_interpreter_exit_flushes_unclosed_saves(tmp_path: Path) -> None:
     """A script that saves and exits without close() still leaves its checkpoints durable (and pruned)."""
     script = (
         "import sys, torch\n"
-        "from async_ckpt.checkpointer import Checkpointer\n"
+        "from async_ckpt.core.checkpointer import Checkpointer\n"
         "ckpt = Checkpointer(sys.argv[1], keep_last=2)\n"
         "for step in range(4):\n"
         "    ckpt.save(step, {'w': torch.full((1000,), float(step))})\n"

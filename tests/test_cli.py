@@ -25,7 +25,7 @@ from conftest import RETENTION, checkpoint_names, flip_tensor_byte, make_trainin
 
 from async_ckpt import AsyncCheckpointSaver, FileStorage
 from async_ckpt.cli import main
-from async_ckpt.integrity import MANIFEST_NAME
+from async_ckpt.pipeline.integrity import MANIFEST_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 SUBPROCESS_TIMEOUT_S = 120

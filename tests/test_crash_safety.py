@@ -31,10 +31,10 @@ import torch
 from _doubles import direct_io_refusal
 from conftest import load_checkpoint as _load
 
-from async_ckpt.storage import TMP_MARKER
+from async_ckpt.pipeline.storage import TMP_MARKER
 
 try:
-    from async_ckpt.integrity import MANIFEST_NAME
+    from async_ckpt.pipeline.integrity import MANIFEST_NAME
 except ImportError:  # a library without the manifest
     MANIFEST_NAME = ".async_ckpt_manifest.json"
 

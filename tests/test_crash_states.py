@@ -25,10 +25,10 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import CheckpointEvents
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.integrity import MANIFEST_NAME
-from async_ckpt.resume import latest_checkpoint
-from async_ckpt.save_handler import state_of
-from async_ckpt.storage import FileStorage, is_temp_name
+from async_ckpt.core.resume import latest_checkpoint
+from async_ckpt.ignite.save_handler import state_of
+from async_ckpt.pipeline.integrity import MANIFEST_NAME
+from async_ckpt.pipeline.storage import FileStorage, is_temp_name
 
 pytestmark = pytest.mark.skipif(
     not os.path.isdir("/proc/self/fd"), reason="the recording names the directory of each fsync by /proc/self/fd"

@@ -11,7 +11,7 @@ from conftest import clone_tree, trees_equal
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.snapshot import Stager
+from async_ckpt.pipeline.snapshot import Stager
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

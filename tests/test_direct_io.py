@@ -22,11 +22,11 @@ import torch
 from _doubles import CallOrderStorage, direct_io_refusal
 from conftest import trees_equal
 
-import async_ckpt.storage as storage_mod
+import async_ckpt.pipeline.storage as storage_mod
 from async_ckpt import AsyncOptions
-from async_ckpt.integrity import verify
-from async_ckpt.serialize import serialize
-from async_ckpt.storage import DIRECT_ALIGNMENT, FileStorage, WriteTimes
+from async_ckpt.pipeline.integrity import verify
+from async_ckpt.pipeline.serialize import serialize
+from async_ckpt.pipeline.storage import DIRECT_ALIGNMENT, FileStorage, WriteTimes
 
 A = DIRECT_ALIGNMENT
 BIG = 300 * 1024 + 1000  # bytes of the large records: several aligned blocks and a tail that goes buffered

@@ -18,7 +18,7 @@ import torch
 from _dist_worker import launch
 from conftest import trees_equal
 
-from async_ckpt.integrity import MANIFEST_NAME
+from async_ckpt.pipeline.integrity import MANIFEST_NAME
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -26,7 +26,7 @@ from conftest import temp_names as _temps
 from ignite.engine import Events
 
 from async_ckpt import WriterClosedError
-from async_ckpt.writer import THREAD_NAME, _worker, worker_alive
+from async_ckpt.pipeline.writer import THREAD_NAME, _worker, worker_alive
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
 TIMEOUT = 30.0
@@ -231,7 +231,7 @@ import errno, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from conftest import make_training
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.storage import FileStorage
+from async_ckpt.pipeline.storage import FileStorage
 
 class Full(FileStorage):
     def _fsync_fd(self, fd):

@@ -16,8 +16,8 @@ from conftest import checkpoint_names, load_checkpoint, temp_names
 from ignite.engine import Engine
 
 from async_ckpt import AsyncCheckpointSaver, CheckpointWriteError
-from async_ckpt.integrity import verify
-from async_ckpt.storage import FileStorage
+from async_ckpt.pipeline.integrity import verify
+from async_ckpt.pipeline.storage import FileStorage
 
 SAVES = int(os.environ.get("ASYNC_CKPT_CAMPAIGN_SAVES", "120"))
 SEED = int(os.environ.get("ASYNC_CKPT_CAMPAIGN_SEED", "1234"))

@@ -506,7 +506,8 @@ def test_block_overflow_drops_nothing(tmp_path: Path) -> None:
 def test_state_larger_than_host_memory_is_a_clear_error_at_the_event(tmp_path: Path, monkeypatch: Any) -> None:
     """When the staging buffers cannot be allocated, the event raises SnapshotError saying what to change, the slot
     is given back (no hang), nothing is queued, and the previous checkpoint stays."""
-    from async_ckpt import SnapshotError, snapshot
+    from async_ckpt import SnapshotError
+    from async_ckpt.pipeline import snapshot
 
     t = make_training(batches=1)
     saver = iteration_saver(tmp_path, t, n_saved=1)

@@ -3,7 +3,7 @@
 A run of :class:`AsyncCheckpointSaver` leaves ``.async_ckpt_manifest.json`` beside its files. These tests check its
 entries against the files actually present (and against the engine's progress at each save), then damage files
 in the ways a crash, a bad disk or an operator can (truncation, a flipped byte inside tensor data, a file swapped
-for another valid checkpoint, a temporary name) and check that :func:`async_ckpt.integrity.verify` reports each.
+for another valid checkpoint, a temporary name) and check that ``integrity.verify`` reports each.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from conftest import METRICS, RETENTION, checkpoint_names, flip_tensor_byte, mak
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver, FileStorage
-from async_ckpt.integrity import MANIFEST_NAME, describe, read_manifest, verify
-from async_ckpt.storage import TMP_MARKER
+from async_ckpt.pipeline.integrity import MANIFEST_NAME, describe, read_manifest, verify
+from async_ckpt.pipeline.storage import TMP_MARKER
 
 ENTRY_FIELDS = {"size", "cd_crc32", "reason", "iteration", "epoch", "score", "score_name", "saved_at"}
 BATCHES = 3  # make_training's default: iterations per epoch

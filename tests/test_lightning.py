@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from async_ckpt.errors import CheckpointWriteError
 from async_ckpt.lightning import AsyncCheckpointIO
-from async_ckpt.storage import TMP_MARKER, FileStorage
+from async_ckpt.pipeline.storage import TMP_MARKER, FileStorage
 
 TIMEOUT = 30.0
 WORKER = Path(__file__).with_name("_lightning_worker.py")

@@ -23,7 +23,7 @@ from ignite.handlers import Checkpoint
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.integrity import MANIFEST_NAME, read_manifest
+from async_ckpt.pipeline.integrity import MANIFEST_NAME, read_manifest
 
 IMPLS = {"monai": CheckpointSaver, "ours": AsyncCheckpointSaver}
 

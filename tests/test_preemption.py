@@ -25,8 +25,8 @@ from conftest import make_training
 from ignite.engine import Engine, Events
 
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.integrity import read_manifest, verify
-from async_ckpt.storage import TMP_MARKER
+from async_ckpt.pipeline.integrity import read_manifest, verify
+from async_ckpt.pipeline.storage import TMP_MARKER
 
 WORKER = Path(__file__).with_name("_preempt_worker.py")
 CHILD_TIMEOUT_S = 120

@@ -27,11 +27,11 @@ from ignite.engine import Engine
 from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 
-import async_ckpt.serialize as serialize_module
-from async_ckpt.saver import _ignite_file_name
-from async_ckpt.serialize import serialize
+import async_ckpt.pipeline.serialize as serialize_module
+from async_ckpt.ignite.saver import _ignite_file_name
+from async_ckpt.pipeline.serialize import serialize
 
-PACKAGE = Path(serialize_module.__file__).parent
+PACKAGE = Path(serialize_module.__file__).parent.parent  # the async_ckpt package
 
 
 def parameters(fn: Any) -> list[str]:
@@ -137,8 +137,8 @@ def test_serialize_into_a_real_file_uses_the_writer_without_crc(
 def test_register_package_and_its_registry_have_the_shape_the_tagger_uses() -> None:
     """``register_package(priority, tagger, deserializer)`` adds to ``_package_registry``, a list of (priority,
     tagger, deserializer) tuples that the staging tagger reads to pick a free priority, and torch.save asks it."""
-    from async_ckpt.snapshot import _tag as tag
-    from async_ckpt.snapshot import _untag as untag
+    from async_ckpt.pipeline.snapshot import _tag as tag
+    from async_ckpt.pipeline.snapshot import _untag as untag
 
     assert parameters(torch.serialization.register_package) == ["priority", "tagger", "deserializer"]
     registry = torch.serialization._package_registry
@@ -276,7 +276,7 @@ def test_async_stager_reads_synchronize_after_execute() -> None:
     the sharded saver's already-staged stager sets to ``False``."""
     from torch.distributed.checkpoint.staging import AsyncStager
 
-    from async_ckpt.sharded import _AlreadyStaged
+    from async_ckpt.sharded.saver import _AlreadyStaged
 
     class Synchronizing(_AlreadyStaged):
         _synchronize_after_execute = True
@@ -309,7 +309,7 @@ _DCP_SET = {"_synchronize_after_execute": "AsyncStager"}
 def private_uses() -> dict[str, set[str]]:
     """Private torch / ignite names used in the package's sources, each with the files that use it."""
     found: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
+    for path in sorted(PACKAGE.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         names = set()
         for match in _TORCH.finditer(text):

@@ -20,9 +20,9 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
 
 from async_ckpt import AsyncCheckpointSaver, FileStorage
-from async_ckpt.integrity import MANIFEST_NAME, read_manifest
-from async_ckpt.resume import find_latest, latest_checkpoint, remove_stale_temp_files
-from async_ckpt.storage import TMP_MARKER, temp_owner
+from async_ckpt.core.resume import find_latest, latest_checkpoint, remove_stale_temp_files
+from async_ckpt.pipeline.integrity import MANIFEST_NAME, read_manifest
+from async_ckpt.pipeline.storage import TMP_MARKER, temp_owner
 
 
 class Both:

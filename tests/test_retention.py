@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ignite.engine import Engine
 from ignite.handlers.checkpoint import BaseSaveHandler, Checkpoint
 
-from async_ckpt.retention import Entry, Retention, entries_from_manifest
+from async_ckpt.core.retention import Entry, Retention, entries_from_manifest
 
 PATTERN = re.compile(r"step_(\d+)\.pt")
 

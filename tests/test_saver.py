@@ -16,7 +16,7 @@ from ignite.handlers.checkpoint import CheckpointEvents
 
 import async_ckpt
 from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.writer import worker_alive
+from async_ckpt.pipeline.writer import worker_alive
 
 
 def _mutate_everything(net: torch.nn.Module, opt: torch.optim.Optimizer) -> None:

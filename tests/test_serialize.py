@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import trees_equal
 
-import async_ckpt.serialize as serialize_mod
-import async_ckpt.storage as storage_mod
-from async_ckpt.integrity import verify
-from async_ckpt.serialize import serialize
-from async_ckpt.storage import FileStorage
+import async_ckpt.pipeline.serialize as serialize_mod
+import async_ckpt.pipeline.storage as storage_mod
+from async_ckpt.pipeline.integrity import verify
+from async_ckpt.pipeline.serialize import serialize
+from async_ckpt.pipeline.storage import FileStorage
 
 P = serialize_mod._PIECE
 
@@ -189,7 +189,7 @@ def test_crc32_is_zlib_ngs_and_equals_zlibs() -> None:
     values as the standard library's zlib, including a running CRC continued over a second buffer."""
     import zlib
 
-    import async_ckpt.serialize as ser
+    import async_ckpt.pipeline.serialize as ser
 
     assert ser._crc32 is not zlib.crc32 and ser._CRC_HELPERS == 0
     data = os.urandom(1 << 20)

@@ -28,6 +28,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from async_ckpt import CheckpointWriteError
+from async_ckpt.pipeline.storage import _HOST, TMP_MARKER, is_temp_name
 from async_ckpt.sharded import (
     ModelOptimizerState,
     ShardedCheckpointSaver,
@@ -36,7 +37,6 @@ from async_ckpt.sharded import (
     latest_sharded_checkpoint,
     load,
 )
-from async_ckpt.storage import _HOST, TMP_MARKER, is_temp_name
 
 pytestmark = [
     pytest.mark.skipif(
@@ -725,6 +725,7 @@ def async_save(state_dict, *, checkpoint_id=None, storage_writer=None, planner=N
 
 saver.async_save = async_save  # the signature of torch 2.7's async_save
 sys.modules.pop("async_ckpt.sharded", None)
+sys.modules.pop("async_ckpt.sharded.saver", None)
 try:
     import async_ckpt.sharded
 except ImportError as exc:
@@ -758,7 +759,7 @@ def test_dcp_and_ignite_internals_have_the_shape_the_module_uses(tmp_path: Path)
     from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
-    import async_ckpt.sharded as sharded
+    import async_ckpt.sharded.saver as sharded
 
     assert tuple(int(p) for p in torch.__version__.split(".")[:2]) >= sharded.MIN_TORCH
     assert {"storage_writer", "planner", "process_group", "async_stager", "no_dist"} <= parameters(async_save)

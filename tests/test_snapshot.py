@@ -12,7 +12,7 @@ from conftest import clone_tree, trees_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from async_ckpt.snapshot import Stager, flatten, unflatten
+from async_ckpt.pipeline.snapshot import Stager, flatten, unflatten
 
 
 def _stage_tree(stager: Stager, tree: object, **kwargs: object) -> tuple[object, object]:
@@ -251,7 +251,7 @@ def test_mixed_deferral_copies_shared_storage_eagerly() -> None:
 
 def test_copies_of_device_storage_keep_their_device_tag() -> None:
     """A file written from a staged copy records the source device (as torch.save of the original would)."""
-    from async_ckpt import snapshot
+    from async_ckpt.pipeline import snapshot
 
     stager = Stager(max_pending=1)
     x = torch.arange(6.0)
@@ -328,7 +328,7 @@ def other_restore(storage, location):
 
 torch.serialization.register_package(0, other_tag, other_restore)  # a library imported before async_ckpt
 import async_ckpt
-from async_ckpt import snapshot
+from async_ckpt.pipeline import snapshot
 
 buf = torch.arange(4.0)
 key = snapshot._tag(buf, "cuda:1")  # what staging a GPU state does

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from async_ckpt import SnapshotError
-from async_ckpt._staging_buffers import STAGING_ALIGN, geometry
-from async_ckpt.snapshot import Stager
+from async_ckpt.pipeline._staging_buffers import STAGING_ALIGN, geometry
+from async_ckpt.pipeline.snapshot import Stager
 
 
 def _mixed_state() -> list[torch.Tensor]:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from async_ckpt import snapshot
-from async_ckpt.snapshot import PREWARM_THREAD_NAME, Stager
+from async_ckpt.pipeline import snapshot
+from async_ckpt.pipeline.snapshot import PREWARM_THREAD_NAME, Stager
 
 TIMEOUT = 30.0
 

@@ -11,7 +11,7 @@ from typing import BinaryIO
 import pytest
 from _doubles import CallOrderStorage
 
-from async_ckpt.storage import TMP_MARKER, FileStorage, is_temp_name
+from async_ckpt.pipeline.storage import TMP_MARKER, FileStorage, is_temp_name
 
 
 def test_commit_protocol_order(tmp_path: os.PathLike[str]) -> None:

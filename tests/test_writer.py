@@ -10,10 +10,10 @@ from typing import BinaryIO
 import pytest
 from _doubles import GatedStorage
 
-from async_ckpt import writer as writer_mod
+from async_ckpt.pipeline import writer as writer_mod
 from async_ckpt.errors import WriterClosedError
-from async_ckpt.storage import FileStorage
-from async_ckpt.writer import JobResult, WriteJob, WriterClient, worker_alive
+from async_ckpt.pipeline.storage import FileStorage
+from async_ckpt.pipeline.writer import JobResult, WriteJob, WriterClient, worker_alive
 
 
 def _job(path: str, data: bytes = b"x", **kw: object) -> WriteJob:

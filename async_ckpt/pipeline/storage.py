@@ -352,7 +352,7 @@ class FileStorage:
 
     def _open(self, path: str) -> BinaryIO:
         # 0o666 & ~umask: the mode torch.save(path) gives MONAI's files (not tempfile's 0o600).
-        # read-write: the serializer reads the zip directory back to patch in CRCs (see async_ckpt.serialize)
+        # read-write: the serializer reads the zip directory back to patch in CRCs (see async_ckpt.pipeline.serialize)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         return os.fdopen(fd, "wb", buffering=1 << 20)
 

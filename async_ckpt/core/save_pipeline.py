@@ -1,12 +1,10 @@
-"""ignite's save-handler seam, asynchronous: ``__call__`` snapshots and enqueues, ``remove`` defers.
+"""The save pipeline every integration shares: snapshot into reused buffers, enqueue, account, report failures.
 
-:class:`SavePipeline` is what one saver's handlers share: the stager (buffers), the writer client (queue and error
-latch) and the telemetry. :class:`AsyncSaveHandler` is the thin ``BaseSaveHandler`` that ignite's ``Checkpoint``
-calls; it maps fixed file names the way MONAI's private ``_DiskSaver`` does and turns every ``remove`` into an
-eviction that runs only after the next file of the same handler is durable.
-
-It subclasses ignite's ``DiskSaver`` only so that ``Checkpoint.last_checkpoint`` returns a full path and
-``Checkpoint.reload_objects`` works, exactly as with MONAI's saver; none of ``DiskSaver``'s writing code runs.
+:class:`SavePipeline` owns one saver's stager (buffers), writer client (queue and error latch) and telemetry; the
+``Checkpointer``, the ignite/MONAI saver and the Lightning plugin each hold one. It knows nothing of a framework:
+it takes a state, a path, the files to remove once that path is durable, and returns the queued job.
+:func:`failure_to_error`, :func:`attach_failure` and :func:`close_on_exit` are how every integration turns a
+background failure into the exception its user sees.
 """
 
 from __future__ import annotations
@@ -16,23 +14,27 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import torch
-from ignite.handlers import DiskSaver
 
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
-from async_ckpt.integrity import entry_for, update_manifest
 from async_ckpt.options import AsyncOptions
-from async_ckpt.serialize import serialize
-from async_ckpt.snapshot import Staged, Stager, flatten, unflatten
-from async_ckpt.storage import FileStorage
-from async_ckpt.telemetry import SaveStats, Telemetry
-from async_ckpt.writer import Failure, JobResult, WriteJob, WriterClient
+from async_ckpt.pipeline.integrity import entry_for, update_manifest
+from async_ckpt.pipeline.serialize import serialize
+from async_ckpt.pipeline.snapshot import Staged, Stager, flatten, unflatten
+from async_ckpt.pipeline.storage import FileStorage
+from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
+from async_ckpt.pipeline.writer import Failure, JobResult, WriteJob, WriterClient
 
-__all__ = ["AsyncSaveHandler", "RankAgreement", "SavePipeline", "attach_failure", "save_dict_objects", "state_of"]
+__all__ = [
+    "SavePipeline",
+    "attach_failure",
+    "close_on_exit",
+    "failure_to_error",
+    "save_dict_objects",
+    "state_of",
+]
 
 
 def save_dict_objects(save_dict: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -79,48 +81,6 @@ class _LastJob:
     job: WriteJob
     views: list[torch.Tensor]
     fingerprint: bytes | None
-
-
-class RankAgreement:
-    """Every rank learns whether any rank raised a flag, at a point that every rank reaches in the same order.
-
-    One mechanism for everything that can fail or be skipped on one rank at a checkpoint event (a write failure, a
-    skip for lack of a free slot, an exception while staging, a preemption signal): the flags are a small integer
-    tensor, all-reduced with ``MAX``. In a ``torch.distributed`` run the all-reduce goes through a process group of
-    its own on the gloo backend, created once, when the saver is built (a collective: every rank builds its saver
-    at the same point). Gloo reduces a CPU tensor on the calling thread, so the agreement never queues behind the
-    eager device-to-host copy of the state on a CUDA stream, as an all-reduce on NCCL's default group would.
-
-    Thread-safety: training thread only.
-
-    Args:
-        enabled: agree at all (the saver's ``sync_errors``); with ``False``, or in a single process, every call
-            returns its own flags without communicating.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.world_size = idist.get_world_size() if enabled else 1
-        self._group: Any = None
-        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            self._group = torch.distributed.new_group(backend="gloo")
-
-    @property
-    def active(self) -> bool:
-        """Whether calls communicate (a distributed run with agreement enabled)."""
-        return self.world_size > 1
-
-    def any(self, *flags: bool) -> tuple[bool, ...]:
-        """For each flag, whether it is set on any rank (every rank must call this with as many flags)."""
-        if not self.active:
-            return flags
-        values = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-        if self._group is not None:
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=self._group)
-        else:  # another ignite backend (XLA, Horovod): its own all-reduce
-            reduced = idist.all_reduce(values, op="MAX")
-            assert isinstance(reduced, torch.Tensor)
-            values = reduced
-        return tuple(bool(v) for v in values.tolist())
 
 
 class SavePipeline:
@@ -390,69 +350,3 @@ def close_on_exit(close: Callable[[], None], exc: BaseException | None, log: log
         close()
     except Exception as failure:
         attach_failure(exc, failure, log)
-
-
-class AsyncSaveHandler(DiskSaver):
-    """ignite ``BaseSaveHandler`` that snapshots at the call and writes in the background.
-
-    Args:
-        pipeline: the saver's shared pipeline.
-        dirname: directory of the checkpoints.
-        filename: a fixed file name that replaces the one ignite generates (MONAI's ``final_filename`` /
-            ``key_metric_filename``).
-        reason: label recorded in telemetry (``"interval"``, ``"key_metric"``, ``"final"``).
-        save_on_rank: only this rank snapshots and writes; the others do no copy and no I/O.
-    """
-
-    def __init__(
-        self,
-        pipeline: SavePipeline,
-        dirname: str | os.PathLike[str],
-        filename: str | None = None,
-        reason: str = "interval",
-        save_on_rank: int = 0,
-    ) -> None:
-        super().__init__(
-            dirname=Path(dirname), atomic=True, create_dir=True, require_empty=False, save_on_rank=save_on_rank
-        )
-        self.filename = filename
-        self.reason = reason
-        self._pipeline = pipeline
-        self._removes: list[str] = []
-        self.last_job: WriteJob | None = None
-        self.context: dict[str, Any] = {}
-        self.step: Any = None
-
-    def path_for(self, filename: str) -> str:
-        """The final path a file name given by ignite maps to."""
-        return str(self.dirname / (self.filename if self.filename is not None else filename))
-
-    def __call__(self, checkpoint: Mapping[str, Any], filename: str, metadata: Mapping[str, Any] | None = None) -> None:
-        if idist.get_rank() != self.save_on_rank:
-            self._removes.clear()
-            return
-        path = self.path_for(filename)
-        info = {**self.context}
-        if metadata is not None:
-            info.update(score=metadata.get("priority"), score_name=metadata.get("score_name"))
-        # Removing the name being rewritten would open a window with no file: the atomic replace covers it.
-        removes = [p for p in self._removes if p != path]
-        self._removes = []
-        self.last_job = self._pipeline.save(checkpoint, path, removes, self.reason, info, step=self.step)
-
-    def remove(self, filename: str) -> None:
-        if idist.get_rank() != self.save_on_rank:
-            return
-        self._removes.append(self.path_for(filename))
-
-    def retry_removes(self, paths: list[str]) -> None:
-        """Queue removals that failed or never ran again, to run after this handler's next durable save."""
-        self._removes.extend(p for p in paths if p not in self._removes)
-
-    def pending_removes(self) -> list[str]:
-        """The removals waiting for this handler's next durable save."""
-        return list(self._removes)
-
-    def restore_removes(self, removes: list[str]) -> None:
-        """Put back the waiting removals as they were before a save that did not happen."""
-        self._removes = list(removes)

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from async_ckpt.integrity import VerifyResult, read_manifest, verify
-from async_ckpt.storage import _HOST, TMP_MARKER, temp_owner
+from async_ckpt.pipeline.integrity import VerifyResult, read_manifest, verify
+from async_ckpt.pipeline.storage import _HOST, TMP_MARKER, temp_owner
 
 __all__ = ["LatestSearch", "find_latest", "latest_checkpoint", "remove_stale_temp_files", "saved_items"]
 

@@ -4,7 +4,7 @@ Every rank writes its own shard of the state (its DTensor/FSDP shards; replicate
 one rank) with ``dcp.async_save``; this module adds the guarantees of :mod:`async_ckpt` on top:
 
 * **Atomic visibility.** A checkpoint is written into a directory whose name carries
-  :data:`~async_ckpt.storage.TMP_MARKER` (``<final><marker><host>.<pid>.<token>.<n>``, with rank 0's host and
+  :data:`~async_ckpt.pipeline.storage.TMP_MARKER` (``<final><marker><host>.<pid>.<token>.<n>``, with rank 0's host and
   process id). It appears under its final name by one ``rename`` on rank 0, and only after every shard file, every
   rank's directory entries and the ``.metadata`` file have been fsynced. A directory without the marker is either
   absent or a complete checkpoint.
@@ -67,9 +67,9 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 from torch.futures import Future as TorchFuture
 
+from async_ckpt.core.resume import _pid_alive
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
-from async_ckpt.resume import _pid_alive
-from async_ckpt.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name, temp_owner
+from async_ckpt.pipeline.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name, temp_owner
 
 try:  # torch 2.9 brought DefaultStager, StagingOptions, AsyncSaveResponse and async_save(async_stager=, no_dist=)
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -224,7 +224,7 @@ def _rename_exchange(a: str, b: str) -> bool:
 
 # -- storage: every change to save_dir through one overridable method ----------------------------------------------
 class ShardedStorage(FileStorage):
-    """A :class:`~async_ckpt.storage.FileStorage` with the directory operations of the sharded saver.
+    """A :class:`~async_ckpt.pipeline.storage.FileStorage` with the directory operations of the sharded saver.
 
     Every file-system call by which the saver, and DCP's writer inside :class:`DurableFileSystemWriter`, changes
     ``save_dir`` goes through one small overridable method: ``_replace``, ``_unlink``, ``_fsync_fd`` and
@@ -719,7 +719,7 @@ class ShardedCheckpointSaver:
         exception_timeout: on ``EXCEPTION_RAISED``, seconds to wait for the save in flight and the final
             checkpoint, so they can still be published (no collective is issued by the training thread then).
         storage: every change to ``save_dir`` (a :class:`ShardedStorage` subclass, for tests and special file
-            systems; a plain :class:`~async_ckpt.storage.FileStorage` subclass provides fsyncs, renames and
+            systems; a plain :class:`~async_ckpt.pipeline.storage.FileStorage` subclass provides fsyncs, renames and
             unlinks, the rest is :class:`ShardedStorage`'s).
 
     Raises:

@@ -11,9 +11,9 @@
 
 ``save`` copies the state into reused buffers and queues it; the writer thread serializes it (``torch.save``'s
 format), writes it to a temporary name, fsyncs and renames it to ``[<file_prefix>_]step_<step, 8 digits>.pt``.
-Retention (:mod:`async_ckpt.retention`) decides at ``save`` which kept files the new one evicts; they are removed by
-the writer only after the new file is durable. A failed write is rolled back in the retention list and raised on
-the calling thread at the next ``save``/``wait``/``close``.
+Retention (:mod:`async_ckpt.core.retention`) decides at ``save`` which kept files the new one evicts; they are
+removed by the writer only after the new file is durable. A failed write is rolled back in the retention list and
+raised on the calling thread at the next ``save``/``wait``/``close``.
 
 Thread-safety: one thread (the training loop) calls ``save``, ``wait``, ``close``, ``checkpoints`` and ``load``;
 a :class:`SaveHandle` may be polled from any thread.
@@ -33,15 +33,15 @@ from typing import Any
 
 import torch
 
+from async_ckpt.core.resume import remove_stale_temp_files
+from async_ckpt.core.retention import Decision, Entry, Mode, Retention, entries_from_manifest
+from async_ckpt.core.save_pipeline import SavePipeline, close_on_exit, failure_to_error
 from async_ckpt.errors import CheckpointWriteError, WriterClosedError
-from async_ckpt.integrity import read_manifest, update_manifest
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
-from async_ckpt.resume import remove_stale_temp_files
-from async_ckpt.retention import Decision, Entry, Mode, Retention, entries_from_manifest
-from async_ckpt.save_handler import SavePipeline, close_on_exit, failure_to_error
-from async_ckpt.storage import FileStorage, check_local_dir
-from async_ckpt.telemetry import SaveStats, Telemetry
-from async_ckpt.writer import Failure, WriteJob
+from async_ckpt.pipeline.integrity import read_manifest, update_manifest
+from async_ckpt.pipeline.storage import FileStorage, check_local_dir
+from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
+from async_ckpt.pipeline.writer import Failure, WriteJob
 
 __all__ = ["CheckpointInfo", "Checkpointer", "SaveHandle"]
 
@@ -293,7 +293,7 @@ class Checkpointer:
         Returns:
             The number of buffer sets allocated.
         """
-        from async_ckpt.snapshot import flatten
+        from async_ckpt.pipeline.snapshot import flatten
 
         return self._pipeline.stager.prewarm(flatten(_state_tree(state)).tensors)
 

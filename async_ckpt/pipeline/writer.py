@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from async_ckpt.errors import WriterClosedError
-from async_ckpt.storage import FileStorage, WriteTimes
+from async_ckpt.pipeline.storage import FileStorage, WriteTimes
 
 __all__ = ["JobResult", "WriteJob", "WriterClient"]
 

@@ -23,7 +23,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from async_ckpt.storage import FileStorage, is_temp_name
+from async_ckpt.pipeline.storage import FileStorage, is_temp_name
 
 __all__ = ["MANIFEST_NAME", "VerifyResult", "describe", "read_manifest", "update_manifest", "verify"]
 

@@ -5,7 +5,7 @@ states that serial CRC is a third of the time to a fast disk. Where the file is 
 same zip with torch's own writer (same records, same alignment, same pickle) but with its CRC turned off, computes
 each record's CRC-32 on a helper thread while the bytes go to the file, and patches the CRCs into the local and
 central headers before the caller's ``fsync``. The result is the file ``torch.save`` would have written, CRCs
-included (``zipfile.testzip`` and :func:`async_ckpt.integrity.verify` check them). Elsewhere, or with a torch
+included (``zipfile.testzip`` and :func:`async_ckpt.pipeline.integrity.verify` check them). Elsewhere, or with a torch
 whose writer does not take these options, it is plain ``torch.save``.
 """
 
@@ -52,7 +52,7 @@ def serialize(obj: Any, f: BinaryIO) -> None:
     Args:
         obj: a tree of dicts, lists, tuples, tensors and plain Python values.
         f: a writable binary file object. When it has a ``fileno()`` open for reading and writing (as the files of
-            :class:`~async_ckpt.storage.FileStorage` are), CRCs are computed beside the writes; otherwise this is
+            ``FileStorage`` are), CRCs are computed beside the writes; otherwise this is
             ``torch.save(obj, f)``. When it has a nonzero ``direct_alignment`` (a storage that can write with
             O_DIRECT), records start at multiples of it, so the storage can write each record's aligned span
             straight from the tensor's memory; the file is still one ``torch.load`` reads.
@@ -131,7 +131,7 @@ class _CrcTap:
 
     The helpers are plain threads (``async_ckpt-crc``) started for one large write and joined before it returns,
     not an executor: ``concurrent.futures`` refuses new work once interpreter shutdown has begun, which is before
-    the ``atexit`` drain of :mod:`async_ckpt.writer` writes the checkpoints still queued. A thread start costs
+    the ``atexit`` drain of :mod:`async_ckpt.pipeline.writer` writes the checkpoints still queued. A thread start costs
     tens of microseconds, nothing beside a write of 16 MiB or more.
     """
 

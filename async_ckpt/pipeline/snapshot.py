@@ -6,7 +6,7 @@ with the same dtype, offset, size and stride. Tensors that shared a storage (tie
 share one in the copy, exactly as ``torch.save`` would write them. Non-tensor leaves are deep-copied.
 
 Buffers are grouped in *buffer sets*, one per snapshot in flight, each carved out of one page-aligned arena (see
-:mod:`async_ckpt._staging_buffers`). A set is allocated once for a state layout (the byte sizes of its storages)
+``_staging_buffers``). A set is allocated once for a state layout (the byte sizes of its storages)
 and reused for every later save with the same layout, so a save costs one copy, not an allocation; sets can be
 allocated and touched ahead of time on a background thread (:meth:`Stager.prewarm_async`). When the state lives
 on a GPU the arena is pinned and the copies run ``non_blocking`` on a side stream; :meth:`Staged.wait_ready`
@@ -39,13 +39,21 @@ from typing import Any
 
 import torch
 
-from async_ckpt._staging_buffers import STAGING_ALIGN, Layout
-from async_ckpt._staging_buffers import BufferSet as _BufferSet
-from async_ckpt._staging_buffers import tag as _tag  # noqa: F401  (tests tag buffers through this module)
-from async_ckpt._staging_buffers import untag as _untag  # noqa: F401
-from async_ckpt._staging_copy import Background, Copy, Once, check_source, issue_d2h, issue_d2h_after, memmove_all
-from async_ckpt._staging_copy import parallel_memmove as _parallel_memmove
 from async_ckpt.errors import SnapshotError
+from async_ckpt.pipeline._staging_buffers import STAGING_ALIGN, Layout
+from async_ckpt.pipeline._staging_buffers import BufferSet as _BufferSet
+from async_ckpt.pipeline._staging_buffers import tag as _tag  # noqa: F401  (tests tag buffers through this module)
+from async_ckpt.pipeline._staging_buffers import untag as _untag  # noqa: F401
+from async_ckpt.pipeline._staging_copy import (
+    Background,
+    Copy,
+    Once,
+    check_source,
+    issue_d2h,
+    issue_d2h_after,
+    memmove_all,
+)
+from async_ckpt.pipeline._staging_copy import parallel_memmove as _parallel_memmove
 
 __all__ = ["STAGING_ALIGN", "Flat", "Staged", "Stager", "flatten", "unflatten"]
 

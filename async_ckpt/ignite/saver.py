@@ -2,7 +2,7 @@
 
 The class reproduces MONAI 1.6's constructor, events, file names and file contents by composing the same three
 ignite ``Checkpoint`` objects MONAI builds (final, key metric, interval). Only their save handler differs: an
-:class:`~async_ckpt.save_handler.AsyncSaveHandler` that snapshots at the event and lets the shared background
+:class:`~async_ckpt.ignite.save_handler.AsyncSaveHandler` that snapshots at the event and lets the shared background
 writer make the file durable. Scoring, naming and top-N retention are ignite's own code.
 
 On top of MONAI it adds: ``wait()`` / ``close()`` / context manager, a flush at ``COMPLETED`` (so every
@@ -21,27 +21,22 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import ignite.distributed as idist
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from async_ckpt.core.agreement import RankAgreement
+from async_ckpt.core.resume import remove_stale_temp_files, saved_items
+from async_ckpt.core.save_pipeline import SavePipeline, attach_failure, close_on_exit, failure_to_error
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
+from async_ckpt.ignite.preemption import PreemptionGuard, outermost_running_engine
+from async_ckpt.ignite.save_handler import AsyncSaveHandler, save_dict_objects
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
-from async_ckpt.preemption import PreemptionGuard, outermost_running_engine
-from async_ckpt.resume import remove_stale_temp_files, saved_items
-from async_ckpt.save_handler import (
-    AsyncSaveHandler,
-    RankAgreement,
-    SavePipeline,
-    attach_failure,
-    close_on_exit,
-    failure_to_error,
-    save_dict_objects,
-)
-from async_ckpt.storage import DirectIO, FileStorage, check_local_dir
+from async_ckpt.pipeline.storage import DirectIO, FileStorage, check_local_dir
 
 if TYPE_CHECKING:
-    from async_ckpt.telemetry import SaveStats, Telemetry
-    from async_ckpt.writer import Failure
+    from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
+    from async_ckpt.pipeline.writer import Failure
 
 __all__ = ["AsyncCheckpointSaver"]
 
@@ -110,7 +105,7 @@ class AsyncCheckpointSaver:
             write the final checkpoint at the end of the current iteration, flush, and then hand the signal to the
             previous handler. Requires ``save_final=True``; installed at ``attach`` from the main thread.
         preempt_grace_s: seconds to wait for pending writes after a preemption signal.
-        storage: file operations (a :class:`~async_ckpt.storage.FileStorage` subclass); for tests and
+        storage: file operations (a :class:`~async_ckpt.pipeline.storage.FileStorage` subclass); for tests and
             special file systems.
 
     Raises:
@@ -269,7 +264,9 @@ class AsyncCheckpointSaver:
                 score_name="epoch" if self.epoch_level else "iteration",
                 n_saved=n_saved,
             )
-        self._agreement = RankAgreement(enabled=bool(self._handlers) and sync_errors)
+        self._agreement = RankAgreement(
+            enabled=bool(self._handlers) and sync_errors, world_size=idist.get_world_size(), all_reduce=_idist_max
+        )
         if self._handlers and idist.get_rank() == 0:  # as ignite's DiskSaver: only the saving rank touches files
             _check_writable(str(save_dir))
         if preempt_signal is not None and self._final_checkpoint is None:
@@ -479,7 +476,7 @@ class AsyncCheckpointSaver:
     ) -> bool:
         """Save at an event that every rank reaches; every rank raises, skips or saves together. Returns whether saved.
 
-        Two agreements (see :class:`~async_ckpt.save_handler.RankAgreement`), each a no-op in a single process:
+        Two agreements (see :class:`~async_ckpt.ignite.save_handler.RankAgreement`), each a no-op in a single process:
         first whether any rank has an unreported write failure (all raise) or the saving rank has no free slot
         with ``overflow="skip"`` (all skip, so that ignite's lists stay the same on every rank); then, after the
         saving rank staged, whether any rank raised while saving (all raise: that rank its own exception, the
@@ -670,3 +667,10 @@ def _ignite_file_name(checkpoint: Checkpoint, name: str, priority: Any) -> str:
         score=score,
         global_step=None,
     )
+
+
+def _idist_max(values: torch.Tensor) -> torch.Tensor:
+    """ignite's ``MAX`` all-reduce, for a distributed backend other than ``torch.distributed`` (XLA, Horovod)."""
+    reduced = idist.all_reduce(values, op="MAX")
+    assert isinstance(reduced, torch.Tensor)
+    return reduced

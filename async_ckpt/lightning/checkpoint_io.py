@@ -35,14 +35,14 @@ from typing import Any
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
+from async_ckpt.core.resume import remove_stale_temp_files
+from async_ckpt.core.save_pipeline import SavePipeline, attach_failure, failure_to_error
 from async_ckpt.errors import CheckpointWriteError
-from async_ckpt.integrity import update_manifest
 from async_ckpt.options import AsyncOptions
-from async_ckpt.resume import remove_stale_temp_files
-from async_ckpt.save_handler import SavePipeline, attach_failure, failure_to_error
-from async_ckpt.storage import FileStorage
-from async_ckpt.telemetry import SaveStats, Telemetry
-from async_ckpt.writer import WriteJob
+from async_ckpt.pipeline.integrity import update_manifest
+from async_ckpt.pipeline.storage import FileStorage
+from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
+from async_ckpt.pipeline.writer import WriteJob
 
 __all__ = ["AsyncCheckpointIO"]
 

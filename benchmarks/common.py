@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks: machine description, memory accounting, raw probes, statistics.
+"""Helpers shared by the benchmarks: machine description, memory accounting, raw probes, statistics, formatting.
 
 Nothing here imports ignite or MONAI; torch is imported lazily so the orchestrating process stays light.
 """
@@ -85,6 +85,12 @@ def machine_info(ckpt_dir: str) -> dict[str, Any]:
             versions[mod] = __import__(mod).__version__
         except Exception:  # a missing optional package is reported, not fatal
             versions[mod] = "not installed"
+    try:  # by its distribution's metadata: importing lightning costs seconds, and only its benchmark needs it
+        from importlib.metadata import version
+
+        versions["lightning"] = version("lightning")
+    except Exception:
+        versions["lightning"] = "not installed"
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -103,6 +109,7 @@ def machine_info(ckpt_dir: str) -> dict[str, Any]:
 
 
 def describe_machine(info: dict[str, Any]) -> str:
+    """:func:`machine_info` as Markdown bullet lines, for the top of a report."""
     fs = info["filesystem"]
     v = info["versions"]
     return "\n".join(
@@ -112,7 +119,7 @@ def describe_machine(info: dict[str, Any]) -> str:
             f"- RAM: {info['ram_bytes'] / 2**30:.1f} GiB; load average at start: "
             + ", ".join(f"{x:.2f}" for x in info["loadavg"]),
             f"- Software: Python {v['python']}, torch {v['torch']}, ignite {v['ignite']}, monai {v['monai']}, "
-            f"async_ckpt {v['async_ckpt']}; kernel {info['kernel']}",
+            f"lightning {v.get('lightning', '?')}, async_ckpt {v['async_ckpt']}; kernel {info['kernel']}",
             f"- Checkpoint dir: {fs['path']} on {fs['device']} ({fs['fstype']}, mounted at {fs['mount']}, "
             f"{fs['free_bytes'] / 2**30:.0f} GiB free)",
         ]
@@ -241,3 +248,34 @@ def dir_bytes(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(root, name)).st_size
     return total
+
+
+# -- formatting and JSON ---------------------------------------------------------------------------------------------
+def fmt_ms(x: float | None) -> str:
+    """Seconds as milliseconds with one decimal; ``n/a`` for a missing or NaN value."""
+    return "n/a" if x is None or math.isnan(x) else f"{x * 1e3:.1f}"
+
+
+def fmt_num(x: float | None, fmt: str = "{:.0f}") -> str:
+    """``x`` formatted with ``fmt``; ``n/a`` for a missing or NaN value."""
+    return "n/a" if x is None or math.isnan(x) else fmt.format(x)
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats replaced by ``None`` and keys made strings, so it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def write_json(path: str, payload: Any) -> None:
+    """Write ``payload`` as strict JSON (NaN becomes ``null``), creating the parent directory."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(finite(payload), f, indent=1, default=str, allow_nan=False)

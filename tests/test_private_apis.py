@@ -3,7 +3,10 @@
 Each test pins one use, by its behaviour where it has one: if torch or ignite changes it, the test fails here on the
 CI's torch and ignite, instead of the package silently falling back to a slower path (plain ``torch.save``) or
 losing correctness (a retention list ignite no longer reads, a file name ignite no longer gives). The last test greps
-the package for private torch and ignite names, so that a new use cannot go unpinned.
+the package for private torch and ignite names, so that a new use cannot go unpinned, and checks that the ignite
+integration (``async_ckpt/ignite``) uses none of ignite's: it reads and replaces a ``Checkpoint``'s list through the
+public ``state_dict``/``load_state_dict`` and names files with the public ``setup_filename_pattern``, whose behaviour
+the tests of the public seams below pin.
 
 DCP (``async_ckpt.sharded``) is pinned in depth by ``tests/test_sharded.py::test_dcp_and_ignite_internals_have_the_
 shape_the_module_uses``; here only the private name that module sets is.
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import inspect
 import io
-import os
 import re
 import struct
 import zipfile
@@ -28,7 +30,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.checkpoint import BaseSaveHandler
 
 import async_ckpt.pipeline.serialize as serialize_module
-from async_ckpt.ignite.saver import _ignite_file_name
+from async_ckpt.ignite.kept import drop_oldest, ignite_file_name, kept, replace_kept
 from async_ckpt.pipeline.serialize import serialize
 
 PACKAGE = Path(serialize_module.__file__).parent.parent  # the async_ckpt package
@@ -209,7 +211,7 @@ def test_checkpoint_item_is_a_priority_filename_pair() -> None:
 
 
 def test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction() -> None:
-    """A ``_saved`` list assigned as the saver does on resume (and after a failed write) is the one ignite's next call
+    """A ``_saved`` list assigned as the sharded saver does when it restores its ranking is the one ignite's next call
     ranks, evicts from and appends to, and ``last_checkpoint`` reads."""
     handler = RecordingSaveHandler()
     net = torch.nn.Linear(2, 2)
@@ -231,18 +233,70 @@ def test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction() -
         ({"net": None}, {"filename_prefix": "run", "score_function": by_acc, "score_name": "acc"}, "net", 0.7),
         ({"net": None}, {"score_function": lambda e: e.state.epoch, "score_name": "epoch"}, "net", 3),
         ({"net": None}, {"score_function": lambda e: e.state.iteration, "score_name": "final_iteration"}, "net", 30),
+        ({"net": None}, {"score_function": by_acc}, "net", 0.7),
+        ({"net": None}, {"filename_pattern": "{name}-{score}.{ext}", "score_function": by_acc}, "net", 0.7),
     ],
 )
-def test_get_filename_pattern_gives_the_name_ignite_saves_under(
+def test_setup_filename_pattern_gives_the_name_ignite_saves_under(
     to_save: dict[str, Any], kwargs: dict[str, Any], name: str, priority: float
 ) -> None:
-    """``Checkpoint._get_filename_pattern(None)``, formatted as the saver does, is the name ignite's own call saves
-    under (for one object or several, with a prefix, float and integer scores)."""
+    """Public seam: ``Checkpoint.setup_filename_pattern`` (or the ``filename_pattern`` given), formatted by
+    ``ignite_file_name`` as the saver's resume does, is the name ignite's own call saves under (for one object or
+    several, with a prefix, with and without a score name, float and integer scores)."""
     handler = RecordingSaveHandler()
     objects = {k: torch.nn.Linear(1, 1) for k in to_save}
     checkpoint = Checkpoint(objects, handler, **kwargs)
     checkpoint(scored(0.7))
-    assert handler.saved == [_ignite_file_name(checkpoint, name, priority)]
+    assert handler.saved == [ignite_file_name(checkpoint, name, priority)]
+
+
+# -- ignite: the public seams the saver uses instead of private names ------------------------------------------------
+
+
+def test_state_dict_holds_the_list_ignite_ranks() -> None:
+    """Public seam: ``Checkpoint.state_dict()`` holds one list, the (priority, filename) pairs ignite keeps, worst
+    first, and ``kept`` reads it as ``Checkpoint.Item`` entries."""
+    handler = RecordingSaveHandler()
+    checkpoint = Checkpoint({"net": torch.nn.Linear(1, 1)}, handler, score_function=by_acc, n_saved=2)
+    for acc in (0.5, 0.9, 0.7):
+        checkpoint(scored(acc))
+    state = checkpoint.state_dict()
+    assert [key for key, value in state.items() if isinstance(value, list)] == list(state)
+    assert kept(checkpoint) == [(0.7, "net_0.7000.pt"), (0.9, "net_0.9000.pt")]
+    assert all(isinstance(it, Checkpoint.Item) for it in kept(checkpoint))
+    assert handler.removed == ["net_0.5000.pt"]
+
+
+def test_list_loaded_from_outside_drives_ignites_next_eviction_and_last_checkpoint() -> None:
+    """Public seam: a list put in with ``load_state_dict`` (``replace_kept``, as the saver does on resume and after a
+    failed write) is the one ignite's next call ranks, evicts from and appends to, and ``last_checkpoint`` reads."""
+    handler = RecordingSaveHandler()
+    net = torch.nn.Linear(2, 2)
+    checkpoint = Checkpoint({"net": net}, handler, score_function=by_acc, score_name="acc", n_saved=2)
+    replace_kept(checkpoint, [(0.1, "net_acc=0.1000.pt"), (0.5, "net_acc=0.5000.pt")])
+    assert checkpoint.last_checkpoint == "net_acc=0.5000.pt"
+    checkpoint(scored(0.7))
+    assert handler.removed == ["net_acc=0.1000.pt"]
+    assert handler.saved == ["net_acc=0.7000.pt"]
+    assert kept(checkpoint) == [(0.5, "net_acc=0.5000.pt"), (0.7, "net_acc=0.7000.pt")]
+    assert checkpoint.last_checkpoint == "net_acc=0.7000.pt"
+    replace_kept(checkpoint, [])
+    checkpoint(scored(0.2))
+    assert handler.removed == ["net_acc=0.1000.pt"], "an emptied list evicted a file it no longer holds"
+    assert kept(checkpoint) == [(0.2, "net_acc=0.2000.pt")]
+
+
+def test_drop_oldest_takes_the_lowest_entry_out_of_the_list() -> None:
+    """MONAI's final-checkpoint deletion through the public seam: the lowest entry leaves the list and is returned,
+    so ignite's next call does not evict it again; an empty list gives ``None``."""
+    handler = RecordingSaveHandler()
+    checkpoint = Checkpoint({"net": torch.nn.Linear(1, 1)}, handler, score_function=by_acc, n_saved=1)
+    assert drop_oldest(checkpoint) is None
+    checkpoint(scored(0.3))
+    assert drop_oldest(checkpoint) == (0.3, "net_0.3000.pt")
+    assert kept(checkpoint) == [] and checkpoint.last_checkpoint is None
+    checkpoint(scored(0.1))
+    assert handler.removed == [] and kept(checkpoint) == [(0.1, "net_0.1000.pt")]
 
 
 @pytest.mark.parametrize("greater_or_equal", [False, True])
@@ -293,8 +347,8 @@ PINNED = {
     "torch._C.PyTorchFileWriter": test_pytorch_file_writer_positional_arguments_are_sink_crc_alignment,
     "torch.serialization._get_storage_alignment": test_storage_alignment_is_the_one_torch_save_uses,
     "torch.serialization._package_registry": test_register_package_and_its_registry_have_the_shape_the_tagger_uses,
+    # Still used by async_ckpt/sharded's ranking (not by async_ckpt/ignite, see the last test).
     "Checkpoint._saved": test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction,
-    "Checkpoint._get_filename_pattern": test_get_filename_pattern_gives_the_name_ignite_saves_under,
     "Checkpoint._check_lt_n_saved": test_check_lt_n_saved_and_compare_fn_predict_ignites_decision,
     "Checkpoint._compare_fn": test_check_lt_n_saved_and_compare_fn_predict_ignites_decision,
     "AsyncStager._synchronize_after_execute": test_async_stager_reads_synchronize_after_execute,
@@ -321,13 +375,45 @@ def private_uses() -> dict[str, set[str]]:
         names |= {f"Checkpoint.{m.group(1)}" for m in _CHECKPOINT.finditer(text)}
         names |= {f"{owner}.{attr}" for attr, owner in _DCP_SET.items() if re.search(rf"\b{attr}\b", text)}
         for name in names:
-            found.setdefault(name, set()).add(os.path.basename(path))
+            found.setdefault(name, set()).add(path.relative_to(PACKAGE).as_posix())
     return found
 
 
 def test_every_private_torch_and_ignite_name_the_package_uses_is_pinned() -> None:
     """Each private torch or ignite name in the package's sources has a test in this file (a new use needs one)."""
     found = private_uses()
-    assert "torch.serialization._save" in found and "Checkpoint._saved" in found  # the scan sees real uses
+    # The scan sees real uses (the serializer's fast path), so an empty result cannot pass for a clean package.
+    assert "torch.serialization._save" in found and "torch._C.PyTorchFileWriter" in found
     unpinned = {name: sorted(files) for name, files in found.items() if name not in PINNED}
     assert not unpinned, f"private APIs used without a test here: {unpinned}"
+
+
+def ignite_private_names(directory: Path) -> set[str]:
+    """The private attributes of ignite's ``Checkpoint`` and ``DiskSaver`` (the classes the ignite saver composes
+    and subclasses), on the classes and on instances (a ``DiskSaver`` on ``directory``, which stays empty)."""
+    from ignite.handlers import DiskSaver
+
+    saver = DiskSaver(directory, require_empty=False)
+    checkpoint = Checkpoint({"net": torch.nn.Linear(1, 1)}, saver, score_function=by_acc)
+    names = {n for cls in (Checkpoint, DiskSaver) for base in cls.__mro__ for n in vars(base)}
+    names |= set(vars(checkpoint)) | set(vars(saver))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def test_the_ignite_integration_uses_no_private_ignite_name(tmp_path: Path) -> None:
+    """``async_ckpt/ignite`` neither reads nor writes a private attribute of ignite's ``Checkpoint`` or ``DiskSaver``
+    (``_saved``, ``_get_filename_pattern``, ...): it goes through ``state_dict``/``load_state_dict`` and
+    ``setup_filename_pattern``. The pattern is not vacuous: it finds ``_saved`` in the line the saver used to have."""
+    private = ignite_private_names(tmp_path)
+    assert {"_saved", "_get_filename_pattern", "_atomic"} <= private
+    attribute = re.compile(r"\.(_[A-Za-z]\w*)\b")
+    assert attribute.findall("before = list(checkpoint._saved)") == ["_saved"]
+    used = {
+        (path.relative_to(PACKAGE).as_posix(), name)
+        for path in sorted((PACKAGE / "ignite").glob("*.py"))
+        for name in attribute.findall(path.read_text(encoding="utf-8"))
+        if name in private
+    }
+    assert not used, f"the ignite integration uses private ignite names: {sorted(used)}"
+    in_ignite = {name for name, files in private_uses().items() if any(f.startswith("ignite/") for f in files)}
+    assert not {n for n in in_ignite if n.startswith("Checkpoint.")}, in_ignite

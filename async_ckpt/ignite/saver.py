@@ -2,12 +2,17 @@
 
 The class reproduces MONAI 1.6's constructor, events, file names and file contents by composing the same three
 ignite ``Checkpoint`` objects MONAI builds (final, key metric, interval). Only their save handler differs: an
-:class:`~async_ckpt.ignite.save_handler.AsyncSaveHandler` that snapshots at the event and lets the shared background
-writer make the file durable. Scoring, naming and top-N retention are ignite's own code.
+:class:`~async_ckpt.ignite.save_handler.AsyncSaveHandler` that snapshots at the event and lets the core's
+:class:`~async_ckpt.core.save_pipeline.SavePipeline` make the file durable in the background. Scoring, naming and
+top-N retention are ignite's own code; the saver changes a ``Checkpoint``'s list only through its public
+``state_dict``/``load_state_dict`` (:mod:`~async_ckpt.ignite.kept`), to undo a save that did not reach the disk
+and to resume from the manifest.
 
-On top of MONAI it adds: ``wait()`` / ``close()`` / context manager, a flush at ``COMPLETED`` (so every
-checkpoint of a run is on disk when ``engine.run`` returns), a flush of the final checkpoint before an exception
-leaves ``engine.run``, background errors raised on the training thread, and per-save telemetry.
+On top of MONAI it adds: ``wait()`` / ``close()`` / context manager, a flush at the end of the run
+(:mod:`~async_ckpt.ignite.flush`), a flush of the final checkpoint before an exception leaves ``engine.run``,
+background errors raised on the training thread (agreed across ranks), per-save telemetry, and two optional pieces
+it attaches: background prewarm (:mod:`~async_ckpt.ignite.prewarm`) and a preemption signal
+(:mod:`~async_ckpt.ignite.preemption`).
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from async_ckpt.core.agreement import RankAgreement
-from async_ckpt.core.resume import remove_stale_temp_files, saved_items
+from async_ckpt.core.resume import remove_stale_temp_files
 from async_ckpt.core.save_pipeline import SavePipeline, attach_failure, close_on_exit, failure_to_error
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
-from async_ckpt.ignite.preemption import PreemptionGuard, outermost_running_engine
+from async_ckpt.ignite.flush import RunEndFlush
+from async_ckpt.ignite.kept import drop_oldest, resume_kept, roll_back, save_tracked
+from async_ckpt.ignite.preemption import PreemptionGuard
+from async_ckpt.ignite.prewarm import Prewarm
 from async_ckpt.ignite.save_handler import AsyncSaveHandler, save_dict_objects
+from async_ckpt.ignite.scores import final_score, key_metric_score
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.pipeline.storage import DirectIO, FileStorage, check_local_dir
 
@@ -39,16 +48,6 @@ if TYPE_CHECKING:
     from async_ckpt.pipeline.writer import Failure
 
 __all__ = ["AsyncCheckpointSaver"]
-
-
-def _is_scalar(value: Any) -> bool:
-    """MONAI's ``is_scalar``: a 0-d tensor, or anything ``numpy.isscalar`` accepts."""
-    import numpy as np
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.ndim == 0
-    return bool(np.isscalar(value))
 
 
 class AsyncCheckpointSaver:
@@ -173,15 +172,11 @@ class AsyncCheckpointSaver:
         self.logger = logging.getLogger(name)
         self.epoch_level = epoch_level
         self.save_interval = save_interval
-        self._final_checkpoint: Checkpoint | None = None
-        self._key_metric_checkpoint: Checkpoint | None = None
-        self._interval_checkpoint: Checkpoint | None = None
         self._name = name
         self._final_filename = final_filename
         self._closed = False
-        self._flush_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-        self._runs: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
-        if save_final or save_key_metric or save_interval > 0:
+        saves = save_final or save_key_metric or save_interval > 0
+        if saves:
             _check_state_dicts(save_dict)
         if save_key_metric and key_metric_n_saved is not None and key_metric_n_saved < 1:
             raise ValueError(f"key_metric_n_saved must be a positive integer, got {key_metric_n_saved}.")
@@ -190,95 +185,71 @@ class AsyncCheckpointSaver:
                 "save_dict has a 'checkpointer' entry, but key_metric_save_state=True stores the key-metric tracking "
                 "list under that key: rename the entry or set key_metric_save_state=False."
             )
+        if save_key_metric and key_metric_filename is not None and key_metric_n_saved > 1:
+            raise ValueError("if using fixed filename to save the best metric model, we should only save 1 model.")
         if save_interval > 0 and n_saved is not None and n_saved < 1:
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved}.")
+        if preempt_signal is not None and not save_final:
+            raise ValueError(
+                f"preempt_signal={preempt_signal!r} writes the final checkpoint on the signal; pass save_final=True."
+            )
         self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
         self._pipeline.on_durable = on_durable
-        if (save_final or save_key_metric or save_interval > 0) and idist.get_rank() == 0:
+        if saves and idist.get_rank() == 0:
             # Before ignite's DiskSaver would create it: a new directory must be fsynced into its parent too.
             self._pipeline.client.storage.make_dirs(str(save_dir))
         self._handlers: dict[int, AsyncSaveHandler] = {}
 
-        if save_final:
+        def interval_score(engine: Engine) -> Any:
+            return engine.state.epoch if self.epoch_level else engine.state.iteration
 
-            def _final_func(engine: Engine) -> Any:
-                return engine.state.iteration
-
-            self._final_checkpoint = self._checkpoint(
-                final_filename,
-                "final",
-                to_save=self.save_dict,
-                filename_prefix=file_prefix,
-                score_function=_final_func,
-                score_name="final_iteration",
+        common = {"to_save": self.save_dict, "filename_prefix": file_prefix}
+        self._final_checkpoint = (
+            self._checkpoint(
+                final_filename, "final", score_function=final_score, score_name="final_iteration", **common
             )
-
-        if save_key_metric:
-
-            def _score_func(engine: Engine) -> Any:
-                if isinstance(key_metric_name, str):
-                    metric_name = key_metric_name
-                elif hasattr(engine.state, "key_metric_name"):
-                    metric_name = engine.state.key_metric_name
-                else:
-                    raise ValueError(
-                        f"Incompatible values: save_key_metric=True and key_metric_name={key_metric_name}."
-                    )
-                metric = engine.state.metrics[metric_name]
-                if not _is_scalar(metric):
-                    warnings.warn(
-                        "key metric is not a scalar value, skip metric comparison and don't save a model."
-                        "please use other metrics as key metric, or change the `reduction` mode to 'mean'."
-                        f"got metric: {metric_name}={metric}.",
-                        stacklevel=2,
-                    )
-                    return -1
-                return (-1 if key_metric_negative_sign else 1) * metric
-
-            if key_metric_filename is not None and key_metric_n_saved > 1:
-                raise ValueError("if using fixed filename to save the best metric model, we should only save 1 model.")
-
-            self._key_metric_checkpoint = self._checkpoint(
+            if save_final
+            else None
+        )
+        self._key_metric_checkpoint = (
+            self._checkpoint(
                 key_metric_filename,
                 "key_metric",
-                to_save=self.save_dict,
-                filename_prefix=file_prefix,
-                score_function=_score_func,
+                score_function=key_metric_score(key_metric_name, key_metric_negative_sign),
                 score_name="key_metric",
                 n_saved=key_metric_n_saved,
                 include_self=key_metric_save_state,
                 greater_or_equal=key_metric_greater_or_equal,
+                **common,
             )
-
-        if save_interval > 0:
-
-            def _interval_func(engine: Engine) -> Any:
-                return engine.state.epoch if self.epoch_level else engine.state.iteration
-
-            self._interval_checkpoint = self._checkpoint(
+            if save_key_metric
+            else None
+        )
+        self._interval_checkpoint = (
+            self._checkpoint(
                 None,
                 "interval",
-                to_save=self.save_dict,
-                filename_prefix=file_prefix,
-                score_function=_interval_func,
+                score_function=interval_score,
                 score_name="epoch" if self.epoch_level else "iteration",
                 n_saved=n_saved,
+                **common,
             )
+            if save_interval > 0
+            else None
+        )
         self._agreement = RankAgreement(
             enabled=bool(self._handlers) and sync_errors, world_size=idist.get_world_size(), all_reduce=_idist_max
         )
         if self._handlers and idist.get_rank() == 0:  # as ignite's DiskSaver: only the saving rank touches files
             _check_writable(str(save_dir))
-        if preempt_signal is not None and self._final_checkpoint is None:
-            raise ValueError(
-                f"preempt_signal={preempt_signal!r} writes the final checkpoint on the signal; pass save_final=True."
-            )
-        self._prewarm = prewarm
-        self._prewarmed_after_step = False
+        # An evaluator restarts its counters at every run(): the run count keeps each round a step of its own.
+        self._runs: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+        self._flush = RunEndFlush(lambda: self.wait(barrier=True))
+        self._prewarm = Prewarm(self._pipeline) if prewarm and self._handlers else None
         self._preemption = (
             PreemptionGuard(
                 self._save_on_preemption,
-                self._flush_for,
+                self._pipeline.wait,
                 preempt_signal,
                 preempt_grace_s,
                 agree=lambda requested: self._agreement.any(requested)[0],
@@ -287,13 +258,18 @@ class AsyncCheckpointSaver:
             else None
         )
         if resume:
-            _resume_from_disk(self, file_prefix)
+            resume_kept(self._checkpoints(), str(save_dir), save_dict, file_prefix)
 
     def _checkpoint(self, filename: str | None, reason: str, **kwargs: Any) -> Checkpoint:
         handler = AsyncSaveHandler(self._pipeline, self.save_dir, filename=filename, reason=reason)
         checkpoint = Checkpoint(save_handler=handler, **kwargs)
         self._handlers[id(checkpoint)] = handler
         return checkpoint
+
+    def _checkpoints(self) -> list[tuple[Checkpoint, AsyncSaveHandler]]:
+        """The ``Checkpoint`` objects this saver has (final, key metric, interval), each with its handler."""
+        built = (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint)
+        return [(c, self._handlers[id(c)]) for c in built if c is not None]
 
     # -- MONAI's public surface ----------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[type-arg]
@@ -306,7 +282,8 @@ class AsyncCheckpointSaver:
     def attach(self, engine: Engine) -> None:
         """Register the saver's handlers on ``engine`` (a trainer, validator or evaluator), as MONAI does.
 
-        Also registers a flush on ``COMPLETED`` so every checkpoint is durable when ``engine.run`` returns.
+        Also registers a flush at the end of the run, so every checkpoint is durable when ``engine.run`` returns,
+        and the prewarm and preemption pieces where they are enabled.
         """
         if self._name is None:
             self.logger = engine.logger
@@ -322,29 +299,19 @@ class AsyncCheckpointSaver:
                 engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.interval_completed)
         if self._handlers:
             engine.add_event_handler(Events.STARTED, self._count_run)
-            engine.add_event_handler(Events.COMPLETED, self._run_completed)
+            self._flush.attach(engine)  # after the final save, which COMPLETED runs first
             removed = remove_stale_temp_files(str(self.save_dir)) if idist.get_rank() == 0 else []
             if removed:
                 self.logger.info(f"async_ckpt: removed {len(removed)} temporary file(s) of an interrupted run")
         if self._preemption is not None:
             self._preemption.install(engine)
-        if self._prewarm and self._handlers and idist.get_rank() == 0:
-            self._pipeline.prewarm()
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self._prewarm_after_first_step)
-
-    def _prewarm_after_first_step(self, engine: Engine) -> None:
-        # Optimizers create their state (Adam's moments) at their first step, after attach: allocate for the
-        # layout the saves will see, once, so the first save does not pay for it.
-        if self._prewarmed_after_step:
-            return
-        self._prewarmed_after_step = True
-        self._pipeline.prewarm()  # a no-op when the layout did not change since attach
+        if self._prewarm is not None and idist.get_rank() == 0:  # only the saving rank stages
+            self._prewarm.attach(engine)
 
     def _delete_previous_final_ckpt(self) -> None:
         if self._final_checkpoint is not None:
-            saved = self._final_checkpoint._saved
-            if len(saved) > 0:
-                item = saved.pop(0)
+            item = drop_oldest(self._final_checkpoint)
+            if item is not None:
                 self._final_checkpoint.save_handler.remove(item.filename)
                 self.logger.info(f"Deleted previous saved final checkpoint: {item.filename}")
 
@@ -453,30 +420,16 @@ class AsyncCheckpointSaver:
     # -- internals -------------------------------------------------------------------------------------------------
     def _save(self, checkpoint: Checkpoint, engine: Engine) -> None:
         handler = self._handlers[id(checkpoint)]
-        before = list(checkpoint._saved)
-        handler.last_job = None
         handler.context = {"iteration": engine.state.iteration, "epoch": engine.state.epoch}
-        # An evaluator restarts its counters at every run(): the run count keeps each round a step of its own.
         handler.step = (self._runs.get(engine, 0), engine.state.iteration, engine.state.epoch)
-        pending_removes = handler.pending_removes()
-        try:
-            checkpoint(engine)
-        except BaseException:
-            # Nothing was queued: the list is as before, and so are the removals waiting for the next save.
-            checkpoint._saved = before
-            handler.restore_removes(pending_removes)
-            raise
-        job = handler.last_job
-        if job is not None:
-            after = list(checkpoint._saved)
-            job.tag = (checkpoint, [it for it in after if it not in before], [it for it in before if it not in after])
+        save_tracked(checkpoint, handler, engine)
 
     def _save_agreed(
         self, checkpoint: Checkpoint, engine: Engine, *, may_skip: bool = False, final: bool = False
     ) -> bool:
         """Save at an event that every rank reaches; every rank raises, skips or saves together. Returns whether saved.
 
-        Two agreements (see :class:`~async_ckpt.ignite.save_handler.RankAgreement`), each a no-op in a single process:
+        Two agreements (see :class:`~async_ckpt.core.agreement.RankAgreement`), each a no-op in a single process:
         first whether any rank has an unreported write failure (all raise) or the saving rank has no free slot
         with ``overflow="skip"`` (all skip, so that ignite's lists stay the same on every rank); then, after the
         saving rank staged, whether any rank raised while saving (all raise: that rank its own exception, the
@@ -513,7 +466,7 @@ class AsyncCheckpointSaver:
         """The background failures not reported yet, with their ``Checkpoint`` bookkeeping rolled back."""
         failures = self._pipeline.take_failures()
         for failure in failures:
-            _roll_back(self._handlers, failure)
+            roll_back(self._handlers, failure)
         return failures
 
     def _save_on_preemption(self, engine: Engine) -> None:
@@ -521,70 +474,14 @@ class AsyncCheckpointSaver:
         self._save_agreed(self._final_checkpoint, engine, final=True)
         self.logger.info(f"Preempted, saved the last checkpoint: {self._final_path()}")
 
-    def _flush_for(self, seconds: float) -> bool:
-        return self._pipeline.wait(seconds)
-
     def _final_path(self) -> Any:
         if self._final_filename is not None:
             return os.path.join(self.save_dir, self._final_filename)
         assert self._final_checkpoint is not None
         return self._final_checkpoint.last_checkpoint
 
-    def _run_completed(self, engine: Engine) -> None:
-        """Flush at ``COMPLETED``, unless ``engine`` runs inside another engine's run (an evaluator).
-
-        An evaluator completes once per validation round; waiting there would make the trainer wait for every
-        best-model write. Instead the flush is registered once on the outermost running engine.
-        """
-        outer = outermost_running_engine()
-        if outer is None or outer is engine:
-            self.wait(barrier=True)
-            return
-        if outer not in self._flush_engines:
-            self._flush_engines.add(outer)
-            outer.add_event_handler(Events.COMPLETED, self._flush_outer)
-
     def _count_run(self, engine: Engine) -> None:
         self._runs[engine] = self._runs.get(engine, 0) + 1
-
-    def _flush_outer(self, engine: Engine) -> None:
-        self.wait(barrier=True)
-
-
-def _roll_back(handlers: Mapping[int, AsyncSaveHandler], failure: Failure) -> None:
-    """Make the failed job's ``Checkpoint`` bookkeeping match what is on disk again."""
-    job, result = failure.job, failure.job.result
-    if not isinstance(job.tag, tuple) or result is None:
-        return
-    checkpoint, added, evicted = job.tag
-    handler = handlers[id(checkpoint)]
-    if result.committed:
-        # The new file is under its final name (the failure came after the rename: a directory fsync, an
-        # eviction, the manifest). It stays in the list; evictions that did not happen are retried after the
-        # next durable save of this list, so no file is left behind untracked.
-        handler.retry_removes([p for p in job.removes if p not in result.removed and p != job.path])
-        return
-    kept = [it for it in checkpoint._saved if it not in added]
-    # An evicted file comes back only if it is still on disk and no kept entry now owns its path (a fixed
-    # file name rewritten by a later, successful save holds that save's state, not the evicted one's).
-    taken = {handler.path_for(it.filename) for it in kept}
-    back = [
-        it
-        for it in evicted
-        if it not in kept
-        and handler.path_for(it.filename) not in taken
-        and os.path.exists(handler.path_for(it.filename))
-    ]
-    items = sorted(kept + back, key=lambda it: it[0])
-    # Saves queued after the failed one may have evicted on the assumption that it existed: keep the list
-    # within n_saved, dropping the lowest entries; their files go after the next durable save, as ignite's do.
-    while checkpoint.n_saved is not None and len(items) > checkpoint.n_saved:
-        handler.remove(items.pop(0).filename)
-    checkpoint._saved = items
-    # Removals the failed job carried for files that are not back in the list (evictions retried from earlier
-    # failures) must not be forgotten either.
-    listed = {handler.path_for(it.filename) for it in items}
-    handler.retry_removes([p for p in job.removes if p not in listed and p != job.path])
 
 
 def _raise_failures(failures: list[Failure]) -> None:
@@ -596,24 +493,6 @@ def _raise_failures(failures: list[Failure]) -> None:
         "the saving rank's CheckpointWriteError for the cause.",
         path="",
     )
-
-
-def _resume_from_disk(saver: AsyncCheckpointSaver, file_prefix: str) -> None:
-    """Rebuild each ``Checkpoint``'s list of saved files from what the manifest of ``saver.save_dir`` records."""
-    for checkpoint in (saver._final_checkpoint, saver._key_metric_checkpoint, saver._interval_checkpoint):
-        if checkpoint is None:
-            continue
-        handler = saver._handlers[id(checkpoint)]
-        name = "checkpoint" if len(saver.save_dict) > 1 else next(iter(saver.save_dict))
-        prefix = f"{file_prefix}_{name}_" if file_prefix else f"{name}_"  # ignite's file name pattern
-        if handler.filename is not None:
-            prefix = ""
-        items = [
-            Checkpoint.Item(priority, fname)
-            for priority, fname in saved_items(str(saver.save_dir), handler.reason, prefix)
-            if fname == (handler.filename or _ignite_file_name(checkpoint, name, priority))
-        ]
-        checkpoint._saved = items
 
 
 def _warn_skipped(engine: Engine, epoch_level: bool, max_pending: int) -> None:
@@ -652,21 +531,6 @@ def _check_writable(save_dir: str) -> None:
         ) from exc
     os.close(fd)
     os.unlink(probe)
-
-
-def _ignite_file_name(checkpoint: Checkpoint, name: str, priority: Any) -> str:
-    """The file name ignite's ``Checkpoint.__call__`` gives a save scored ``priority``."""
-    import numbers
-
-    score = f"{priority}" if isinstance(priority, numbers.Integral) else f"{priority:.4f}"
-    return checkpoint._get_filename_pattern(None).format(
-        filename_prefix=checkpoint.filename_prefix,
-        ext=checkpoint.ext,
-        name=name,
-        score_name=checkpoint.score_name,
-        score=score,
-        global_step=None,
-    )
 
 
 def _idist_max(values: torch.Tensor) -> torch.Tensor:

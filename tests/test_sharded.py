@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import inspect
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from _sharded_worker import launch as launch_sharded
 from conftest import METRICS, Training, clone_tree, make_training, trees_equal
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
 
 from async_ckpt import CheckpointWriteError
 from async_ckpt.pipeline.storage import _HOST, TMP_MARKER, is_temp_name
@@ -37,6 +39,7 @@ from async_ckpt.sharded import (
     latest_sharded_checkpoint,
     load,
 )
+from async_ckpt.sharded.kept import ScoreRanking
 
 pytestmark = [
     pytest.mark.skipif(
@@ -568,6 +571,59 @@ def test_single_process_tie_with_the_worst_kept_score(tmp_path: Path, greater_or
     assert trees_equal(net_state, states[iteration])
 
 
+class RecordingHandler(BaseSaveHandler):
+    """An ignite save handler that keeps the names of the files ignite's ``Checkpoint`` would have on disk."""
+
+    def __init__(self) -> None:
+        self.files: list[str] = []
+        self.saves = 0
+
+    def __call__(self, checkpoint: Mapping[str, Any], filename: str, metadata: Mapping[str, Any] | None = None) -> None:
+        self.saves += 1
+        if filename not in self.files:
+            self.files.append(filename)
+
+    def remove(self, filename: str) -> None:
+        self.files.remove(filename)
+
+
+@pytest.mark.parametrize("n_best", [1, 2, 3, None])
+@pytest.mark.parametrize("greater_or_equal", [False, True])
+def test_score_ranking_decides_as_ignites_checkpoint(n_best: int | None, greater_or_equal: bool) -> None:
+    """The saver's scored list (the core's Retention with ignite's entry rule) saves and evicts exactly what ignite's
+    own ``Checkpoint`` does, score after score: ties with the worst kept, scores that print the same (a same-name
+    replacement that may or may not beat the worst), and an integer and a float score that are equal."""
+    scores: list[float] = [0.5, 0.7, 0.50001, 0.49999, 0.7, 1, 1.0, 0.3, 0.9, 0.2, 1, 0.9, 0.95, 0.5, 1.0, 1.5]
+    rng = random.Random(13)
+    sequences = [scores, [1, 1.0, 1.5], *([rng.choice(scores) for _ in range(25)] for _ in range(20))]
+    for sequence in sequences:
+        handler = RecordingHandler()
+        engine = Engine(lambda e, b: None)
+        reference = Checkpoint(
+            {"net": torch.nn.Linear(1, 1)},
+            handler,
+            score_function=lambda e: e.state.metrics["acc"],
+            score_name="acc",
+            n_saved=n_best,
+            greater_or_equal=greater_or_equal,
+        )
+        ranking = ScoreRanking(n_best, greater_or_equal)
+        on_disk: list[str] = []
+        for i, score in enumerate(sequence):
+            engine.state.metrics["acc"] = score
+            saves = handler.saves
+            reference(engine)
+            shown = f"{score}" if isinstance(score, int) else f"{score:.4f}"
+            name = f"net_acc={shown}.pt"
+            decision = ranking.plan(name, i, score)
+            assert decision.keep == (handler.saves > saves), (sequence[: i + 1], handler.files)
+            if decision.keep:
+                ranking.apply(decision)
+                on_disk = [p for p in on_disk if p not in {e.path for e in decision.evict} and p != name] + [name]
+            assert sorted(on_disk) == sorted(handler.files), (sequence[: i + 1], on_disk, handler.files)
+            assert sorted(e.path for e in ranking.entries) == sorted(handler.files)
+
+
 @pytest.mark.parametrize("fail", ["write", "publish"])
 def test_single_process_failed_scored_save_neither_enters_nor_prunes(tmp_path: Path, fail: str) -> None:
     disk = FaultyDisk(fail=fail, name="checkpoint_acc=0.9000")
@@ -752,8 +808,8 @@ def parameters(fn: Any) -> set[str]:
 
 
 def test_dcp_and_ignite_internals_have_the_shape_the_module_uses(tmp_path: Path) -> None:
-    """The DCP staging classes, writer and planner arguments, and ignite's ranking internals that the module relies
-    on still exist and behave as it uses them on this torch/ignite; a change fails here, not as a silent slowdown."""
+    """The DCP staging classes, writer and planner arguments, and ignite's name pattern that the module relies on
+    still exist and behave as it uses them on this torch/ignite; a change fails here, not as a silent slowdown."""
     import torch.distributed.checkpoint.filesystem as dcp_fs
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
@@ -815,10 +871,8 @@ def test_dcp_and_ignite_internals_have_the_shape_the_module_uses(tmp_path: Path)
     (publish,) = calls[4:]
     assert publish.startswith(f"rename probe{TMP_MARKER}") and publish.endswith(" probe"), calls
 
-    # ignite's Checkpoint: the best-N list and its rules, as ShardedCheckpointSaver reads and writes them.
-    ranking = Checkpoint({}, lambda c, f: None, score_function=lambda e: 0.0, n_saved=2)
-    assert isinstance(ranking._saved, list) and ranking._check_lt_n_saved() is True
-    ranking._saved = [Checkpoint.Item(0.5, "a"), Checkpoint.Item(0.7, "b")]
-    assert ranking._check_lt_n_saved() is False
-    assert ranking._compare_fn(0.6) is True and ranking._compare_fn(0.4) is False
-    assert (ranking._saved[0].priority, ranking._saved[0].filename) == (0.5, "a")
+    # ignite's Checkpoint (public): the name pattern the module formats directory names with.
+    pattern = Checkpoint.setup_filename_pattern(
+        with_prefix=True, with_score=True, with_score_name=True, with_global_step=False
+    )
+    assert pattern == "{filename_prefix}_{name}_{score_name}={score}.{ext}"

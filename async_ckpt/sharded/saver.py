@@ -59,7 +59,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,8 +68,10 @@ from ignite.handlers import Checkpoint
 from torch.futures import Future as TorchFuture
 
 from async_ckpt.core.resume import _pid_alive
+from async_ckpt.core.retention import Decision, Entry
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.pipeline.storage import _HOST, TMP_MARKER, FileStorage, is_temp_name, temp_owner
+from async_ckpt.sharded.kept import SCORE, KeptCheckpoints, Kind, Lists
 
 try:  # torch 2.9 brought DefaultStager, StagingOptions, AsyncSaveResponse and async_save(async_stager=, no_dist=)
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -619,20 +621,14 @@ def _describe(error: BaseException) -> str:
 
 
 # -- the saver -------------------------------------------------------------------------------------------------------
-_Kind = Literal["interval", "best", "final"]
-# The saver's checkpoint lists as one picklable value (sent from rank 0 to the others): interval paths oldest first,
-# (score, path) of the scored ones worst first, final paths oldest first, and the last published path.
-_Lists = tuple[list[str], list[tuple[float, str]], list[str], str | None]
-
-
 @dataclass
 class _InFlight:
     name: str
     final: str
     tmp: str
     future: Future[Any]
-    kind: _Kind
-    score: float
+    kind: Kind
+    decision: Decision  # which list it enters, and what it evicts, once published
 
 
 @dataclass
@@ -640,10 +636,6 @@ class _Latched:
     path: str
     error: BaseException
     stage: str  # "write", "stage", "publish" or "remove"
-
-
-def _never_saves(checkpoint: Mapping[str, Any], filename: str) -> None:  # pragma: no cover - never called
-    raise AssertionError("the ranking Checkpoint of ShardedCheckpointSaver does not save")
 
 
 def _format_score(score: float) -> str:
@@ -798,21 +790,8 @@ class ShardedCheckpointSaver:
         self._stager = DefaultStager(staging if staging is not None else _default_staging())
         self._in_flight: _InFlight | None = None
         self._latched: list[_Latched] = []
-        self._saved: list[str] = []
-        # ignite's own Checkpoint holds the best-N list and decides by its rules (_check_lt_n_saved, _compare_fn).
-        # It never saves anything: its list changes only when a scored checkpoint has been published.
-        self._ranking: Checkpoint | None = None
-        if score_function is not None:
-            self._ranking = Checkpoint(
-                {},
-                _never_saves,
-                score_function=score_function,
-                score_name=score_name,
-                n_saved=n_best,
-                greater_or_equal=greater_or_equal,
-            )
-        self._finals: list[str] = []
-        self._last: str | None = None
+        # The lists change only when a checkpoint has been published.
+        self._kept = KeptCheckpoints(n_saved, n_best, greater_or_equal, scored=score_function is not None)
         self._counter = 0
         self._asides = 0
         self._agreement_error: BaseException | None = None  # what the last failed agreement raised on this rank
@@ -825,7 +804,7 @@ class ShardedCheckpointSaver:
         self._ctl_group: dist.ProcessGroup | None = None
         self._exc_group: dist.ProcessGroup | None = None
         setup_error: BaseException | None = None
-        adopted: _Lists | None = None
+        adopted: Lists | None = None
         token = f"{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         if self.rank == 0:
             try:
@@ -856,7 +835,7 @@ class ShardedCheckpointSaver:
             raise setup_error
         self._token = token
         if adopted is not None:
-            self._set_lists(adopted)
+            self._kept.set_lists(adopted)
 
     # -- public API ------------------------------------------------------------------------------------------------
     @property
@@ -866,14 +845,14 @@ class ShardedCheckpointSaver:
         Rank 0's lists are authoritative; the other ranks' are the same after every ``save``/``save_best``/``wait``
         (when a failure is agreed, rank 0's lists replace theirs).
         """
-        return list(self._saved)
+        return [entry.path for entry in self._kept.interval.entries]
 
     @property
     def best(self) -> list[tuple[float, str]]:
         """``(score, path)`` of the scored checkpoints kept, worst first (the order of ignite's ``Checkpoint``)."""
-        if self._ranking is None:
+        if self._kept.best is None:
             return []
-        return [(item.priority, item.filename) for item in self._ranking._saved]
+        return [(entry.metrics[SCORE], entry.path) for entry in self._kept.best.ranked]
 
     @property
     def best_checkpoint(self) -> str | None:
@@ -884,13 +863,14 @@ class ShardedCheckpointSaver:
     @property
     def final_checkpoint(self) -> str | None:
         """Path of the final checkpoint kept."""
-        return self._finals[-1] if self._finals else None
+        finals = self._kept.finals.entries
+        return finals[-1].path if finals else None
 
     @property
     def last_checkpoint(self) -> str | None:
         """Path of the checkpoint this saver published last, of any kind. After ``resume``, and until this saver
         publishes one, the newest adopted interval checkpoint."""
-        return self._last
+        return self._kept.last
 
     def checkpoint_name(self, step: int) -> str:
         """Name of the interval checkpoint at ``step`` (an epoch or an iteration, after ``epoch_level``)."""
@@ -952,7 +932,7 @@ class ShardedCheckpointSaver:
                 has the original as ``__cause__``).
             SnapshotError: this rank could not copy its state (the other ranks raise ``CheckpointWriteError``).
         """
-        self._save(name, "interval")
+        self._save(name, "interval", 0)
 
     def save_best(self, engine: Engine) -> str | None:
         """Score ``engine`` and save a checkpoint if the score enters the best ``n_best`` (a collective).
@@ -970,7 +950,7 @@ class ShardedCheckpointSaver:
             CheckpointWriteError, SnapshotError: as :meth:`save`.
         """
         self._check_usable()
-        if self._ranking is None:
+        if self._kept.best is None:
             raise RuntimeError("save_best needs a score_function: pass one to ShardedCheckpointSaver.")
         self._settle(timeout=None)
         error: BaseException | None = self._take_error()
@@ -980,7 +960,8 @@ class ShardedCheckpointSaver:
                 score = self._score(engine)
             except Exception as exc:
                 error = exc
-        enters = error is None and not math.isnan(score) and self._enters(score)
+        step = engine.state.iteration
+        enters = error is None and not math.isnan(score) and self._plan("best", self.best_name(score), step, score).keep
         rows = self._agree(error, what="the scored save", values=(score, float(enters)))
         if not all(_same_score(row[1], score) for row in rows):
             scores = ", ".join(f"rank {rank}: {row[1]!r}" for rank, row in enumerate(rows))
@@ -995,7 +976,7 @@ class ShardedCheckpointSaver:
         if not rows[0][2]:
             return None
         name = self.best_name(score)
-        self._save(name, "best", score)
+        self._save(name, "best", step, score)
         return name
 
     def wait(self) -> None:
@@ -1023,14 +1004,14 @@ class ShardedCheckpointSaver:
     # -- ignite handlers -------------------------------------------------------------------------------------------
     def _interval_completed(self, engine: Engine) -> None:
         step = engine.state.epoch if self.epoch_level else engine.state.iteration
-        self.save(self.checkpoint_name(step))
+        self._save(self.checkpoint_name(step), "interval", step)
 
     def _poll(self, engine: Engine) -> None:
         self._settle(timeout=0.0)
 
     def _completed(self, engine: Engine) -> None:
         if self.save_final:
-            self._save(self.final_name(engine.state.iteration), "final")
+            self._save(self.final_name(engine.state.iteration), "final", engine.state.iteration)
         self.wait()
 
     def _exception_raised(self, engine: Engine, e: BaseException) -> None:
@@ -1072,13 +1053,11 @@ class ShardedCheckpointSaver:
             )
         return score
 
-    def _enters(self, score: float) -> bool:
-        """ignite's rule: fewer than ``n_best`` are kept, or ``score`` beats the worst one kept (or equals it, with
-        ``greater_or_equal``)."""
-        assert self._ranking is not None
-        return bool(self._ranking._check_lt_n_saved() or self._ranking._compare_fn(score))
+    def _plan(self, kind: Kind, name: str, step: int, score: float = math.nan) -> Decision:
+        """What the lists would do with a checkpoint ``name`` of ``kind``, should it be published."""
+        return self._kept.plan(kind, os.path.join(self.save_dir, name), step, score)
 
-    def _save(self, name: str, kind: _Kind, score: float = math.nan) -> None:
+    def _save(self, name: str, kind: Kind, step: int, score: float = math.nan) -> None:
         self._check_usable()
         if os.sep in name or is_temp_name(name) or name in ("", ".", ".."):
             raise ValueError(f"invalid checkpoint name {name!r}")
@@ -1093,7 +1072,7 @@ class ShardedCheckpointSaver:
                 error.__cause__ = exc
         self._agree(error, what=f"checkpoint {name!r}")
         assert staged is not None
-        self._launch(name, staged, kind, score, self._dcp_group)
+        self._launch(name, staged, kind, self._plan(kind, name, step, score), self._dcp_group)
 
     def _save_final_on_exception(self, engine: Engine, deadline: float) -> None:
         """Write the final checkpoint and wait for it until ``deadline``, without a collective on this thread."""
@@ -1109,7 +1088,7 @@ class ShardedCheckpointSaver:
         except Exception:
             logger.exception("async_ckpt: could not copy the state for the final checkpoint %r", name)
             return
-        self._launch(name, staged, "final", math.nan, self._exc_group)
+        self._launch(name, staged, "final", self._plan("final", name, engine.state.iteration), self._exc_group)
         self._settle(timeout=max(0.0, deadline - time.monotonic()))
         if self._in_flight is not None:
             logger.warning(
@@ -1128,7 +1107,9 @@ class ShardedCheckpointSaver:
             staged = staged.result()
         return staged
 
-    def _launch(self, name: str, staged: StateDict, kind: _Kind, score: float, group: dist.ProcessGroup | None) -> None:
+    def _launch(
+        self, name: str, staged: StateDict, kind: Kind, decision: Decision, group: dist.ProcessGroup | None
+    ) -> None:
         final = os.path.join(self.save_dir, name)
         tmp = f"{final}{TMP_MARKER}{self._token}.{self._counter}"
         self._counter += 1
@@ -1147,7 +1128,7 @@ class ShardedCheckpointSaver:
             failed.set_exception(exc)
             result = failed
         future = result.upload_completion if isinstance(result, AsyncSaveResponse) else result
-        self._in_flight = _InFlight(name, final, tmp, future, kind, score)
+        self._in_flight = _InFlight(name, final, tmp, future, kind, decision)
 
     def _settle(self, timeout: float | None) -> None:
         """If the save in flight finished (waiting up to ``timeout``), publish it on rank 0 or latch its error."""
@@ -1178,55 +1159,12 @@ class ShardedCheckpointSaver:
                 self._latched.append(_Latched(job.final, exc, "publish"))
                 return
             logger.info("async_ckpt: sharded checkpoint %s is durable and visible", job.final)
-        self._last = job.final
-        for old in self._record(job):
-            if self.rank == 0 and not self._is_kept(old):
+        for old in self._kept.record(job.kind, job.decision):
+            if self.rank == 0:
                 try:
                     self._remove_checkpoint(old)
                 except OSError as exc:
                     self._latched.append(_Latched(old, exc, "remove"))
-
-    def _record(self, job: _InFlight) -> list[str]:
-        """Enter a published checkpoint into its list; return the paths that dropped out of the list."""
-        if job.kind == "best":
-            return self._record_best(job.final, job.score)
-        kept, limit = (self._finals, 1) if job.kind == "final" else (self._saved, self.n_saved)
-        if job.final in kept:
-            kept.remove(job.final)  # the rename replaced it
-        kept.append(job.final)
-        dropped: list[str] = []
-        while limit is not None and len(kept) > limit:
-            dropped.append(kept.pop(0))
-        return dropped
-
-    def _record_best(self, path: str, score: float) -> list[str]:
-        """ignite's ``Checkpoint.__call__`` bookkeeping, run once the checkpoint is published: a kept checkpoint of
-        the same name leaves the list (the rename replaced it), otherwise the worst one when the list is full."""
-        assert self._ranking is not None
-        saved = self._ranking._saved
-        dropped: list[str] = []
-        same = next((i for i, item in enumerate(saved) if item.filename == path), None)
-        if same is not None:
-            saved.pop(same)
-        elif not self._ranking._check_lt_n_saved():
-            dropped.append(saved.pop(0).filename)
-        saved.append(Checkpoint.Item(score, path))
-        saved.sort(key=lambda item: item.priority)
-        return dropped
-
-    def _is_kept(self, path: str) -> bool:
-        return path in self._saved or path in self._finals or any(p == path for _, p in self.best)
-
-    def _lists(self) -> _Lists:
-        return list(self._saved), self.best, list(self._finals), self._last
-
-    def _set_lists(self, lists: _Lists) -> None:
-        saved, best, finals, last = lists
-        self._saved = list(saved)
-        if self._ranking is not None:
-            self._ranking._saved = [Checkpoint.Item(score, path) for score, path in best]
-        self._finals = list(finals)
-        self._last = last
 
     def _rename_into_place(self, tmp: str, final: str) -> None:
         self.storage.publish_dir(tmp, final, aside=f"{final}{TMP_MARKER}{self._token}.old{self._counter}")
@@ -1271,9 +1209,9 @@ class ShardedCheckpointSaver:
             rows = [t.tolist() for t in gathered]
         failed = sum(1 for row in rows if row[0])
         if failed and self._ctl_group is not None:
-            lists: list[Any] = [self._lists()]
+            lists: list[Any] = [self._kept.lists()]
             dist.broadcast_object_list(lists, src=0, group=self._ctl_group)
-            self._set_lists(lists[0])
+            self._kept.set_lists(lists[0])
         if failed:
             self._agreement_error = (
                 error
@@ -1287,26 +1225,28 @@ class ShardedCheckpointSaver:
             raise self._agreement_error
         return rows
 
-    def _adopt(self) -> _Lists:
+    def _adopt(self) -> Lists:
         """The lists of the checkpoints in ``save_dir`` whose names this saver would write (for ``resume``)."""
         try:
             names = [n for n in os.listdir(self.save_dir) if not is_temp_name(n)]
         except FileNotFoundError:
             names = []
         names = [n for n in names if os.path.isfile(os.path.join(self.save_dir, n, METADATA_NAME))]
-        interval = [path for _, path in self._matching(names, "epoch" if self.epoch_level else "iteration", r"\d+")]
-        finals = [path for _, path in self._matching(names, "final_iteration", r"\d+")]
-        best: list[tuple[float, str]] = []
-        if self._ranking is not None:
-            best = self._matching(names, self.score_name, r"[-+]?(?:\d+(?:\.\d*)?|inf)")
-            if self.n_best is not None and len(best) > self.n_best:
+        step_name = "epoch" if self.epoch_level else "iteration"
+        interval = [Entry(path, int(step)) for step, path in self._matching(names, step_name, r"\d+")]
+        finals = [Entry(path, int(step)) for step, path in self._matching(names, "final_iteration", r"\d+")]
+        best: list[Entry] = []
+        if self._kept.best is not None:
+            scored = self._matching(names, self.score_name, r"[-+]?(?:\d+(?:\.\d*)?|inf)")
+            if self.n_best is not None and len(scored) > self.n_best:
                 logger.info(
                     "async_ckpt: resume keeps the best %d scored checkpoints; leaving %s alone",
                     self.n_best,
-                    [path for _, path in best[: -self.n_best]],
+                    [path for _, path in scored[: -self.n_best]],
                 )
-                best = best[-self.n_best :]
-        return interval, best, finals, interval[-1] if interval else None
+                scored = scored[-self.n_best :]
+            best = [Entry(path, 0, {SCORE: score}) for score, path in scored]
+        return interval, best, finals, interval[-1].path if interval else None
 
     def _matching(self, names: Iterable[str], score_name: str | None, number: str) -> list[tuple[float, str]]:
         """``(score, path)`` of the ``names`` this saver would give a checkpoint scored under ``score_name``, by

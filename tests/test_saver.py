@@ -312,3 +312,43 @@ def test_on_durable_fires_after_the_file_is_complete_and_saved_checkpoint_when_q
         queued = events.index(("queued", name, False))
         assert events.index(("durable", name, True)) > queued, events
     assert len(events) == 4
+
+
+def test_save_that_raises_at_the_event_leaves_ignites_list_and_evictions_as_before(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ignite ranks and evicts before it calls the save handler: when the snapshot then raises, nothing was queued,
+    so the ``Checkpoint``'s list (read through its public ``state_dict``) and the eviction waiting for the next
+    durable save are put back. The next save then replaces the file that is really on disk."""
+    from async_ckpt import SnapshotError
+    from async_ckpt.ignite.kept import kept
+    from async_ckpt.pipeline import snapshot
+
+    first, third = "checkpoint_iteration=1.pt", "checkpoint_iteration=3.pt"
+    tr = make_training(batches=1)
+    saver = iteration_saver(tmp_path, tr, n_saved=1, prewarm=False)
+    saver.attach(tr.engine)
+    tr.engine.run(tr.data, max_epochs=1)
+    checkpoint = saver._interval_checkpoint
+    assert checkpoint is not None
+    assert kept(checkpoint) == [(1, first)]
+
+    class NoMemory(snapshot._BufferSet):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(snapshot, "_BufferSet", NoMemory)
+        saver._pipeline.stager._free.clear()  # the next save needs a fresh allocation
+        with torch.no_grad():
+            tr.net[0].weight.add_(1)
+        tr.engine.state.iteration = 2
+        with pytest.raises(SnapshotError):
+            saver.interval_completed(tr.engine)
+    assert kept(checkpoint) == [(1, first)]
+    assert checkpoint.last_checkpoint == tmp_path / first
+    tr.engine.state.iteration = 3
+    saver.interval_completed(tr.engine)
+    saver.close()
+    assert kept(checkpoint) == [(3, third)]
+    assert checkpoint_names(tmp_path) == [third]

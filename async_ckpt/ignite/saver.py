@@ -244,7 +244,7 @@ class AsyncCheckpointSaver:
             _check_writable(str(save_dir))
         # An evaluator restarts its counters at every run(): the run count keeps each round a step of its own.
         self._runs: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
-        self._flush = RunEndFlush(lambda: self.wait(barrier=True))
+        self._run_end_flush = RunEndFlush(lambda: self.wait(barrier=True))
         self._prewarm = Prewarm(self._pipeline) if prewarm and self._handlers else None
         self._preemption = (
             PreemptionGuard(
@@ -299,7 +299,7 @@ class AsyncCheckpointSaver:
                 engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.interval_completed)
         if self._handlers:
             engine.add_event_handler(Events.STARTED, self._count_run)
-            self._flush.attach(engine)  # after the final save, which COMPLETED runs first
+            self._run_end_flush.attach(engine)  # after the final save, which COMPLETED runs first
             removed = remove_stale_temp_files(str(self.save_dir)) if idist.get_rank() == 0 else []
             if removed:
                 self.logger.info(f"async_ckpt: removed {len(removed)} temporary file(s) of an interrupted run")

@@ -120,3 +120,35 @@ def test_resized_deferred_source_fails_on_a_cached_plan_too(cached: bool) -> Non
         staged.wait_ready()
     assert torch.equal(staged.views[1], torch.arange(4096.0))
     staged.release()
+
+
+def test_many_small_storages_are_copied_exactly_and_the_padding_stays_zero() -> None:
+    """A state of thousands of small storages of awkward sizes and dtypes between large ones (several serial copy
+    groups of the arena's small tail) is copied exactly on every save, and no padding byte is ever written."""
+    dtypes = (torch.float32, torch.int8, torch.float64, torch.bool, torch.bfloat16, torch.int64)
+    small = [torch.randint(0, 100, (1 + i % 97,)).to(dtypes[i % len(dtypes)]) for i in range(1500)]
+    large = [torch.randn(1025 + 7 * i) for i in range(5)]  # sizes that leave padding after each page-aligned buffer
+    tensors = [t for pair in zip(small, large * 300, strict=True) for t in pair][:1500] + small[750:] + large
+    stager = Stager(max_pending=1)
+    for save in range(2):
+        with torch.no_grad():
+            for t in tensors:
+                if t.dtype == torch.bool:
+                    t.logical_not_()
+                else:
+                    t.add_(1)
+        staged = stager.stage(tensors)
+        assert staged is not None
+        assert all(torch.equal(v, t) for v, t in zip(staged.views, tensors, strict=True)), save
+        arena = staged._bufset.arena if staged._bufset is not None else None
+        assert arena is not None
+        used = torch.zeros(arena.numel(), dtype=torch.bool)
+        base = arena.data_ptr()
+        for v in staged.views:
+            start = v.untyped_storage().data_ptr() - base
+            used[start : start + v.untyped_storage().nbytes()] = True
+        assert int(arena[~used].count_nonzero()) == 0
+        assert staged.footprint > staged.nbytes
+        staged.release()
+    assert stager.allocations == 1
+    assert sum(t.untyped_storage().nbytes() for t in small) > 3 * 32768  # several serial groups (see _cat_groups)

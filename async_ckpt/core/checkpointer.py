@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +37,11 @@ import torch
 from async_ckpt.core.resume import remove_stale_temp_files
 from async_ckpt.core.retention import Decision, Entry, Mode, Retention, entries_from_manifest
 from async_ckpt.core.save_pipeline import SavePipeline, close_on_exit, failure_to_error
+from async_ckpt.core.uploader import RemoteTier, UploadOptions, UploadTelemetry
 from async_ckpt.errors import CheckpointWriteError, WriterClosedError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.pipeline.integrity import read_manifest, update_manifest
+from async_ckpt.pipeline.remote import is_url
 from async_ckpt.pipeline.storage import FileStorage, check_local_dir
 from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
 from async_ckpt.pipeline.writer import Failure, WriteJob
@@ -155,10 +158,21 @@ class Checkpointer:
             thread (keep it short; an exception in it is reported like a write failure).
         storage: file operations (a :class:`~async_ckpt.FileStorage` subclass), for tests and special file systems.
         name: label of log lines.
+        storage_options: with a URL ``directory``: the fsspec filesystem's arguments (s3fs: ``key``, ``secret``,
+            ``endpoint_url``, ``client_kwargs``...); the AWS environment variables work too.
+        local_dir: with a URL ``directory``: the local staging directory (default: a cache directory, see
+            docs/remote.md). Checkpoints are made durable there first, then uploaded in the background.
+        upload: with a URL ``directory``: part size, concurrency, retry deadline, coalescing and credentials
+            (:class:`~async_ckpt.core.uploader.UploadOptions`).
+
+    With a URL ``directory`` (``s3://bucket/prefix``), ``checkpoints``/``latest`` list the *published* checkpoints
+    (object uploaded and manifest written), ``load`` downloads one (checked against its manifest), ``wait``/``close``
+    wait for the uploads too, and an upload failure is raised like a write failure (the local copy is kept).
 
     Raises:
         ValueError: a bad retention rule or async option.
         OSError: ``directory`` cannot be created or written.
+        ImportError: a URL ``directory`` without fsspec/s3fs installed (``pip install 'async-ckpt[s3]'``).
     """
 
     def __init__(
@@ -180,10 +194,35 @@ class Checkpointer:
         on_durable: Callable[[SaveStats], None] | None = None,
         storage: FileStorage | None = None,
         name: str = "checkpointer",
+        storage_options: Mapping[str, Any] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        upload: UploadOptions | None = None,
     ) -> None:
+        self.retention = Retention(keep_last, keep_best, metric, mode)
+        self.file_prefix = file_prefix
+        self._name_prefix = f"{file_prefix}_" if file_prefix else ""
+        self._pattern = re.compile(re.escape(self._name_prefix) + r"step_(\d+)\.pt")
+        self.url: str | None = None
+        self.remote: RemoteTier | None = None
+        if is_url(os.fspath(directory)):
+            self.remote = RemoteTier(
+                os.fspath(directory),
+                storage_options=storage_options,
+                local_dir=local_dir,
+                options=upload,
+                is_checkpoint=lambda n: self._pattern.fullmatch(n) is not None,
+                kept=lambda: [os.path.basename(e.path) for e in self.retention.entries],
+                name=name,
+            )
+            self.url = self.remote.url
+            directory = self.remote.local_dir
+        elif storage_options is not None or local_dir is not None or upload is not None:
+            raise ValueError(
+                f"storage_options, local_dir and upload apply to a URL directory (s3://...), and directory="
+                f"{os.fspath(directory)!r} is local: drop them, or pass a URL."
+            )
         self.directory = os.fspath(directory)
         check_local_dir(self.directory, "directory")
-        self.retention = Retention(keep_last, keep_best, metric, mode)
         self.options = AsyncOptions(
             max_pending=max_pending,
             overflow=overflow,
@@ -194,11 +233,13 @@ class Checkpointer:
             sync_errors=False,
             exit_timeout=exit_timeout,
         )
-        self.file_prefix = file_prefix
-        self._name_prefix = f"{file_prefix}_" if file_prefix else ""
-        self._pattern = re.compile(re.escape(self._name_prefix) + r"step_(\d+)\.pt")
-        os.makedirs(self.directory, exist_ok=True)
-        _check_writable(self.directory)
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            _check_writable(self.directory)
+        except BaseException:
+            if self.remote is not None:
+                self.remote.close()
+            raise
         removed = remove_stale_temp_files(self.directory)
         if removed:
             logger.info("async_ckpt: removed %d temporary file(s) of an interrupted run", len(removed))
@@ -213,7 +254,12 @@ class Checkpointer:
         self._retry_removes: list[str] = []
         self._closed = False
         files = read_manifest(self.directory)["files"]
-        self.retention.restore(entries_from_manifest(self.directory, files, self._pattern, reason=REASON))
+        entries = entries_from_manifest(self.directory, files, self._pattern, reason=REASON)
+        if self.remote is not None:
+            entries = self._with_remote(entries, files)
+        self.retention.restore(entries)
+        if self.remote is not None:
+            self._upload_unpublished()
 
     # -- saving --------------------------------------------------------------------------------------------------
     def path_for(self, step: int) -> str:
@@ -303,14 +349,20 @@ class Checkpointer:
         return self._pipeline.telemetry
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until every checkpoint saved so far is durable, then raise any background failure.
+        """Block until every checkpoint saved so far is durable (and, with a URL, published or skipped), then raise
+        any background failure.
 
         Raises:
             CheckpointWriteError: a checkpoint could not be written (the original is ``__cause__``).
             TimeoutError: ``timeout`` seconds passed first.
         """
+        start = time.monotonic()
         if not self._pipeline.wait(timeout):
             raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
+        if self.remote is not None:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            if not self.remote.wait(left):
+                raise TimeoutError(f"async_ckpt: uploads to {self.url} still pending after {timeout}s.")
         self._raise_failures()
 
     def close(self) -> None:
@@ -322,6 +374,8 @@ class Checkpointer:
             return
         self._closed = True
         self._pipeline.close()
+        if self.remote is not None:
+            self.remote.close()
         self._collect()
         if self._retry_removes:
             storage = self._pipeline.client.storage
@@ -347,8 +401,19 @@ class Checkpointer:
 
         A file evicted by a newer save is listed until that save is durable and the file is removed; a save still
         being written is not listed yet. After a restart, the list comes from the directory's manifest.
+
+        With a URL directory: the published checkpoints (``path`` is the object's URL), oldest save first.
         """
         self._collect()
+        if self.remote is not None:
+            infos = []
+            for name, info in self.remote.published().items():
+                match = self._pattern.fullmatch(name)
+                if match is not None:
+                    raw = info.get("metrics") or {}
+                    metrics = {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+                    infos.append(CheckpointInfo(self.remote.store.object_url(name), int(match.group(1)), metrics))
+            return infos
         with self._lock:
             leaving = [e for e, _ in self._leaving]
         by_path: dict[str, Entry] = {}
@@ -359,7 +424,8 @@ class Checkpointer:
         return [CheckpointInfo(e.path, e.step, dict(e.metrics)) for e in by_path.values()]
 
     def latest(self) -> str | None:
-        """The path of the newest durable checkpoint, or ``None``."""
+        """The path of the newest durable checkpoint (with a URL directory: the URL of the newest published one), or
+        ``None``."""
         found = self.checkpoints()
         return found[-1].path if found else None
 
@@ -374,7 +440,9 @@ class Checkpointer:
         """Read a checkpoint; with ``into``, also load each entry into the object of the same name.
 
         Args:
-            which: ``"latest"``, a step (int), or a path. A save of that file still in flight is waited for.
+            which: ``"latest"``, a step (int), or a path. A save of that file still in flight is waited for. With a
+                URL directory, a URL under it (or a step not present locally) is downloaded into ``local_dir``
+                first, checked against its manifest (size and CRC-32) while it downloads.
             into: names mapped to objects with ``load_state_dict`` (e.g. the mapping given to ``save``).
             map_location: as ``torch.load``'s.
             weights_only: as ``torch.load``'s (only tensors and plain Python values).
@@ -398,6 +466,17 @@ class Checkpointer:
             path = self.path_for(which)
         else:
             path = os.fspath(which)
+        name = self._remote_name(path)
+        if self.remote is not None and name is None and not os.path.isfile(path):
+            local = os.path.basename(path)
+            if os.path.dirname(os.path.abspath(path)) == os.path.abspath(self.directory) and local in (
+                self.remote.published()
+            ):
+                name = local
+        if name is not None:
+            assert self.remote is not None
+            self.wait()  # the object may be in flight
+            path = self.remote.fetch(name)
         with self._lock:
             pending = any(h.path == path and not h.done() for h in self._handles.values())
         if pending:
@@ -416,12 +495,16 @@ class Checkpointer:
     # -- failures and bookkeeping ----------------------------------------------------------------------------------
     def _durable(self, stats: SaveStats) -> None:
         # Writer thread: the job being finished is the one whose result is set and done flag is not yet.
+        best = False
         with self._lock:
             for handle in self._handles.values():
                 job = handle._job
                 if job is not None and job.result is not None and not job.done.is_set():
                     handle._stats = stats
+                    best = isinstance(job.tag, Decision) and job.tag.best
                     break
+        if self.remote is not None:
+            self.remote.submit(stats.path, protected=best)
         if self._on_durable is not None:
             self._on_durable(stats)
 
@@ -471,8 +554,51 @@ class Checkpointer:
     def _raise_failures(self) -> None:
         self._collect()
         failures, self._failures = self._failures, []
+        uploads = self.remote.take_errors() if self.remote is not None else []
         if failures:
-            raise failure_to_error(failures[0], more=len(failures) - 1)
+            raise failure_to_error(failures[0], more=len(failures) - 1 + len(uploads))
+        if uploads:
+            uploads[0].more = len(uploads) - 1
+            raise uploads[0]
+
+    # -- the remote tier -----------------------------------------------------------------------------------------
+    @property
+    def upload_stats(self) -> UploadTelemetry | None:
+        """With a URL directory: per-upload time, bytes and throughput, and how far the remote tier lags."""
+        return self.remote.stats if self.remote is not None else None
+
+    def _with_remote(self, local: list[Entry], files: Mapping[str, Any]) -> list[Entry]:
+        """``local`` (the local manifest's entries) merged with the published checkpoints the local directory does
+        not hold, oldest save first, so retention continues from the bucket on an empty machine."""
+        assert self.remote is not None
+        dated = [(float((files.get(os.path.basename(e.path)) or {}).get("saved_at", 0.0)), e) for e in local]
+        names = {os.path.basename(e.path) for e in local}
+        for name, info in self.remote.published().items():
+            match = self._pattern.fullmatch(name)
+            if match is None or name in names or info.get("reason", REASON) != REASON:
+                continue
+            raw = info.get("metrics") or {}
+            metrics = {str(k): float(v) for k, v in raw.items() if isinstance(v, (int, float))}
+            entry = Entry(os.path.join(self.directory, name), int(match.group(1)), metrics)
+            dated.append((float(info.get("saved_at", 0.0)), entry))
+        dated.sort(key=lambda it: (it[0], it[1].step))
+        return [e for _, e in dated]
+
+    def _upload_unpublished(self) -> None:
+        """Queue the local checkpoints that are not published (a previous run stopped before their upload)."""
+        assert self.remote is not None
+        published = self.remote.published()
+        for e in self.retention.entries:
+            name = os.path.basename(e.path)
+            info = published.get(name)
+            if os.path.isfile(e.path) and (info is None or info.get("size") != os.path.getsize(e.path)):
+                self.remote.submit(e.path)
+
+    def _remote_name(self, which: str) -> str | None:
+        """The object name of ``which`` if it is a URL under this checkpointer's ``directory``."""
+        if self.url is not None and which.startswith(self.url.rstrip("/") + "/"):
+            return which[len(self.url.rstrip("/")) + 1 :]
+        return None
 
 
 def _check_step(step: Any) -> int:

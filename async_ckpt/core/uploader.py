@@ -1,0 +1,403 @@
+"""The remote tier: a background uploader that mirrors a local checkpoint directory to an object store.
+
+The local directory is an ordinary async_ckpt directory (written durably, pruned by the local retention). Each
+checkpoint that becomes durable there is handed to :meth:`RemoteTier.submit`; the uploader thread
+(``async_ckpt-upload``) uploads it (multipart, parts in parallel), then publishes its manifest last
+(:class:`~async_ckpt.pipeline.remote.RemoteStore`). After each publish, remote checkpoints that the local retention
+no longer keeps are deleted (manifest first), so the remote tier prunes only after a newer checkpoint is published.
+
+When the uploader falls behind (more than ``max_behind`` checkpoints waiting), the older waiting ones that are not
+protected (best-metric or final) are skipped: the remote tier coalesces to the newest. A checkpoint whose local file
+was already evicted is skipped too. Failures (after retries within the deadline) are kept as
+:class:`~async_ckpt.errors.CheckpointWriteError` for the owner to raise on the training thread; the local copy stays.
+
+Thread-safety: ``submit`` may be called from any thread (the writer thread calls it); ``wait``, ``close``,
+``take_errors``, ``published`` and ``fetch`` from the owner's thread. The thread is started at construction and
+joined by ``close``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from async_ckpt.errors import CheckpointWriteError
+from async_ckpt.pipeline.integrity import read_manifest
+from async_ckpt.pipeline.remote import RemoteStore, RetryPolicy, default_local_dir, file_crc32
+from async_ckpt.pipeline.storage import FileStorage, check_local_dir
+
+__all__ = ["UPLOAD_THREAD_NAME", "RemoteStats", "RemoteTier", "UploadOptions", "UploadTelemetry"]
+
+logger = logging.getLogger("async_ckpt")
+
+UPLOAD_THREAD_NAME = "async_ckpt-upload"
+_MIN_PART = 5 << 20  # S3's smallest part (all but the last)
+
+
+@dataclass(frozen=True)
+class UploadOptions:
+    """How the remote tier uploads.
+
+    Args:
+        part_size: bytes per multipart part (S3 needs >= 5 MiB); objects under twice this go in one request.
+        concurrency: parts uploaded at once.
+        deadline_s: retries of one checkpoint's upload and publish stop this many seconds after its first attempt.
+        backoff_s: the first wait between retries (doubling, with jitter, up to ``backoff_max_s``).
+        backoff_max_s: the longest wait between retries.
+        max_behind: checkpoints that may wait for upload before older, unprotected ones are skipped.
+        credentials: called for fresh credentials (a mapping merged over ``storage_options``) at start and
+            whenever the store says they expired.
+    """
+
+    part_size: int = 64 << 20
+    concurrency: int = 8
+    deadline_s: float = 600.0
+    backoff_s: float = 0.2
+    backoff_max_s: float = 10.0
+    max_behind: int = 4
+    credentials: Callable[[], Mapping[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        for name, low in (("part_size", _MIN_PART), ("concurrency", 1), ("max_behind", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+        self.retry  # noqa: B018 - validates the times
+        if self.credentials is not None and not callable(self.credentials):
+            raise TypeError(f"credentials must be a callable returning storage options, got {self.credentials!r}.")
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(self.deadline_s, self.backoff_s, self.backoff_max_s)
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    """One checkpoint, from its local durable file to its published manifest.
+
+    Attributes:
+        name: the file (and object) name.
+        ok: published; ``False``: failed (see the owner's error) or skipped (``skipped`` says why).
+        nbytes: bytes uploaded.
+        checksum_s: time reading the local file for its CRC-32.
+        upload_s: time uploading the object (retries included).
+        publish_s: time writing the manifest.
+        lag_s: time from ``submit`` (the local file was durable) until published.
+        attempts_refreshed: credential refreshes so far (for the whole store).
+        skipped: why it was not uploaded (coalesced, or evicted locally first), else ``""``.
+    """
+
+    name: str
+    ok: bool
+    nbytes: int = 0
+    checksum_s: float = 0.0
+    upload_s: float = 0.0
+    publish_s: float = 0.0
+    lag_s: float = 0.0
+    attempts_refreshed: int = 0
+    skipped: str = ""
+
+    @property
+    def throughput_mib_s(self) -> float:
+        """Upload throughput in MiB/s (0 when nothing was uploaded)."""
+        return self.nbytes / self.upload_s / 2**20 if self.upload_s > 0 and self.nbytes else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["throughput_mib_s"] = self.throughput_mib_s
+        return d
+
+
+class UploadTelemetry:
+    """Per-checkpoint upload measurements and how far the remote tier lags (thread-safe)."""
+
+    def __init__(self, maxlen: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self._uploads: collections.deque[RemoteStats] = collections.deque(maxlen=maxlen)
+        self._waiting: dict[str, float] = {}  # name -> submit time, until published, failed or skipped
+
+    def record(self, stats: RemoteStats) -> None:
+        with self._lock:
+            self._uploads.append(stats)
+            self._waiting.pop(stats.name, None)
+
+    def queued(self, name: str) -> None:
+        with self._lock:
+            self._waiting.setdefault(name, time.monotonic())
+
+    @property
+    def uploads(self) -> list[RemoteStats]:
+        """A copy of the recorded uploads, oldest first."""
+        with self._lock:
+            return list(self._uploads)
+
+    @property
+    def pending(self) -> int:
+        """Checkpoints durable locally and not yet published (nor failed, nor skipped)."""
+        with self._lock:
+            return len(self._waiting)
+
+    @property
+    def lag_s(self) -> float:
+        """Age of the oldest checkpoint waiting for upload, in seconds (0 when none waits)."""
+        with self._lock:
+            oldest = min(self._waiting.values(), default=None)
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def summary(self) -> dict[str, float]:
+        """Counts, bytes, mean upload time and throughput, and the current lag."""
+        ups = self.uploads
+        done = [u for u in ups if u.ok]
+        busy = sum(u.upload_s for u in done)
+        return {
+            "published": len(done),
+            "skipped": sum(bool(u.skipped) for u in ups),
+            "failed": sum(not u.ok and not u.skipped for u in ups),
+            "bytes": sum(u.nbytes for u in done),
+            "upload_mean_s": busy / len(done) if done else 0.0,
+            "throughput_mib_s": sum(u.nbytes for u in done) / busy / 2**20 if busy > 0 else 0.0,
+            "pending": self.pending,
+            "lag_s": self.lag_s,
+        }
+
+
+@dataclass
+class _Job:
+    path: str
+    protected: bool
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class RemoteTier:
+    """Mirror a local checkpoint directory to ``url`` in the background; read what is published there.
+
+    Args:
+        url: ``protocol://bucket/prefix``.
+        storage_options: the fsspec filesystem's arguments (see :class:`~async_ckpt.pipeline.remote.RemoteStore`).
+        local_dir: the local staging directory (default :func:`~async_ckpt.pipeline.remote.default_local_dir`).
+        options: upload options.
+        is_checkpoint: whether an object name is one of this owner's checkpoints (cleanup deletes only those).
+        kept: the names of the checkpoints the local retention keeps now (called on the uploader thread; must be
+            safe to call from there); remote checkpoints not among them are deleted after a newer publish.
+            ``None``: never delete remotely.
+        name: label of log lines.
+
+    Raises:
+        ImportError: fsspec or the protocol's package is missing.
+        ValueError, TypeError: a bad URL or option.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        options: UploadOptions | None = None,
+        is_checkpoint: Callable[[str], bool] = lambda n: n.endswith(".pt"),
+        kept: Callable[[], Collection[str]] | None = None,
+        name: str = "upload",
+    ) -> None:
+        self.options = options if options is not None else UploadOptions()
+        if not isinstance(self.options, UploadOptions):
+            raise TypeError(f"upload must be an UploadOptions, got {type(self.options).__name__}.")
+        self.store = RemoteStore(url, storage_options, credentials=self.options.credentials, retry=self.options.retry)
+        self.url = self.store.url
+        self.local_dir = os.fspath(local_dir) if local_dir is not None else default_local_dir(self.url)
+        check_local_dir(self.local_dir, "local_dir")
+        self.name = name
+        self.stats = UploadTelemetry()
+        self._is_checkpoint = is_checkpoint
+        self._kept = kept
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._busy = False
+        self._closing = False
+        self._errors: list[CheckpointWriteError] = []
+        self._published: dict[str, dict[str, Any]] = {}
+        removed = self.store.cleanup(is_checkpoint)
+        if removed:
+            logger.info(
+                "async_ckpt: removed %d leftover(s) of an interrupted upload from %s: %s",
+                len(removed),
+                self.url,
+                ", ".join(removed),
+            )
+        self._published = self.store.manifests()
+        self._thread = threading.Thread(target=self._run, name=UPLOAD_THREAD_NAME, daemon=True)
+        self._thread.start()
+
+    # -- the owner's side ----------------------------------------------------------------------------------------
+    def submit(self, path: str, *, protected: bool = False) -> None:
+        """Queue the durable local file ``path`` for upload (any thread). ``protected``: never skipped when the
+        uploader falls behind (best-metric and final checkpoints)."""
+        with self._cond:
+            if self._closing:
+                return
+            self._queue = collections.deque(j for j in self._queue if j.path != path)
+            self._queue.append(_Job(path, protected))
+            self.stats.queued(os.path.basename(path))
+            self._coalesce()
+            self._cond.notify_all()
+
+    def _coalesce(self) -> None:
+        """Skip the oldest unprotected waiting jobs while more than ``max_behind`` wait (lock held)."""
+        while len(self._queue) > self.options.max_behind:
+            victim = next((j for j in list(self._queue)[:-1] if not j.protected), None)
+            if victim is None:
+                return
+            self._queue.remove(victim)
+            self.stats.record(RemoteStats(os.path.basename(victim.path), False, skipped="coalesced: a newer one waits"))
+
+    def published(self) -> dict[str, dict[str, Any]]:
+        """The published checkpoints (name -> manifest), oldest save first, as listed by the store now."""
+        found = self.store.manifests()
+        with self._cond:
+            self._published = dict(found)
+        return found
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until nothing waits for upload (``False`` if ``timeout`` passed first)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Upload what is queued, stop the thread and join it. Idempotent. ``False`` if ``timeout`` passed first
+        (the thread is told to give up; what is left is reported by :meth:`take_errors`)."""
+        finished = self.wait(timeout)
+        with self._cond:
+            self._closing = True
+            left = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        if not finished:
+            self.store.cancel()
+            for job in left:
+                self._fail(job, TimeoutError(f"still waiting for upload after {timeout}s at close"))
+        self._thread.join()
+        return finished
+
+    def take_errors(self) -> list[CheckpointWriteError]:
+        """The upload failures not yet taken, oldest first."""
+        with self._cond:
+            errors, self._errors = self._errors, []
+        return errors
+
+    def local_path(self, name: str) -> str:
+        return os.path.join(self.local_dir, name)
+
+    def fetch(self, name: str, storage: FileStorage | None = None) -> str:
+        """Download the published checkpoint ``name`` into the local directory (durably, checked against its
+        manifest while it downloads) unless the local file already matches; returns the local path.
+
+        Raises:
+            FileNotFoundError: ``name`` is not published.
+            RemoteIntegrityError: the object does not match its manifest.
+        """
+        entry = self.store.read_manifest(name)
+        if entry is None:
+            raise FileNotFoundError(f"{self.store.object_url(name)} is not a published checkpoint.")
+        path = self.local_path(name)
+        if (
+            os.path.isfile(path)
+            and os.path.getsize(path) == entry.get("size")
+            and file_crc32(path)[1] == entry.get("crc32")
+        ):
+            return path
+        os.makedirs(self.local_dir, exist_ok=True)
+        (storage or FileStorage()).write_atomic(path, lambda f: self.store.download(name, entry, f))
+        return path
+
+    # -- the uploader thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+                self._busy = True
+            try:
+                self._upload(job)
+            except Exception as exc:  # recorded and raised on the owner's thread
+                self._fail(job, exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        name = os.path.basename(job.path)
+        self.stats.record(RemoteStats(name, False, lag_s=time.monotonic() - job.queued_at))
+        err = CheckpointWriteError(
+            f"async_ckpt could not upload checkpoint {job.path!r} to {self.store.object_url(name)}: {exc!r}. "
+            "The local copy is kept and earlier published checkpoints are intact; fix the cause (credentials, "
+            "network, bucket permissions) and resume.",
+            path=job.path,
+        )
+        err.__cause__ = exc
+        logger.error("async_ckpt: %s", err)
+        with self._cond:
+            self._errors.append(err)
+
+    def _upload(self, job: _Job) -> None:
+        name = os.path.basename(job.path)
+        kept = set(self._kept()) if self._kept is not None else None
+        if (kept is not None and name not in kept) or not os.path.isfile(job.path):
+            self.stats.record(RemoteStats(name, False, skipped="evicted locally before its upload"))
+            return
+        deadline = time.monotonic() + self.options.deadline_s
+        t0 = time.perf_counter()
+        try:
+            size, crc = file_crc32(job.path)
+        except FileNotFoundError:
+            self.stats.record(RemoteStats(name, False, skipped="evicted locally before its upload"))
+            return
+        t1 = time.perf_counter()
+        info = dict(read_manifest(self.local_dir)["files"].get(name) or {})
+        entry = {**info, "size": size, "crc32": crc, "published_at": time.time()}
+        entry.setdefault("saved_at", time.time())
+        self.store.upload(job.path, name, self.options.part_size, self.options.concurrency, deadline)
+        t2 = time.perf_counter()
+        if self.store.object_size(name) != size:  # cheap guard against an object replaced under us
+            raise OSError(f"{self.store.object_url(name)} does not hold the {size} B just uploaded")
+        self.store.publish(name, entry, deadline)
+        t3 = time.perf_counter()
+        with self._cond:
+            self._published[name] = entry
+        self.stats.record(
+            RemoteStats(
+                name, True, size, t1 - t0, t2 - t1, t3 - t2, time.monotonic() - job.queued_at, self.store.refreshes
+            )
+        )
+        logger.info(
+            "async_ckpt: %s published in %.3fs (%.1f MiB, %.0f MiB/s)",
+            self.store.object_url(name),
+            t3 - t0,
+            size / 2**20,
+            size / max(t2 - t1, 1e-9) / 2**20,
+        )
+        self._prune(name, kept)
+
+    def _prune(self, newest: str, kept: set[str] | None) -> None:
+        """Delete the remote checkpoints older than ``newest`` that the local retention no longer keeps."""
+        if kept is None:
+            return
+        kept = set(self._kept()) if self._kept is not None else kept
+        kept.add(newest)
+        with self._cond:
+            published = dict(self._published)
+        newest_at = float(published[newest].get("saved_at", 0.0))
+        for name, entry in published.items():
+            if name in kept or float(entry.get("saved_at", 0.0)) > newest_at:
+                continue
+            self.store.delete(name)
+            with self._cond:
+                self._published.pop(name, None)
+            logger.info("async_ckpt: removed %s (evicted by the local retention)", self.store.object_url(name))

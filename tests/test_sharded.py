@@ -780,8 +780,8 @@ def async_save(state_dict, *, checkpoint_id=None, storage_writer=None, planner=N
     raise AssertionError("never called")
 
 saver.async_save = async_save  # the signature of torch 2.7's async_save
-sys.modules.pop("async_ckpt.sharded", None)
-sys.modules.pop("async_ckpt.sharded.saver", None)
+for name in [m for m in sys.modules if m == "async_ckpt.sharded" or m.startswith("async_ckpt.sharded.")]:
+    sys.modules.pop(name)  # every module of the package runs its imports again
 try:
     import async_ckpt.sharded
 except ImportError as exc:
@@ -815,9 +815,10 @@ def test_dcp_and_ignite_internals_have_the_shape_the_module_uses(tmp_path: Path)
     from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
     from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse, async_save
 
-    import async_ckpt.sharded.saver as sharded
+    import async_ckpt.sharded._dcp as dcp
+    import async_ckpt.sharded.writer as sharded
 
-    assert tuple(int(p) for p in torch.__version__.split(".")[:2]) >= sharded.MIN_TORCH
+    assert tuple(int(p) for p in torch.__version__.split(".")[:2]) >= dcp.MIN_TORCH
     assert {"storage_writer", "planner", "process_group", "async_stager", "no_dist"} <= parameters(async_save)
     assert {"upload_completion", "staging_completion"} <= {f.name for f in dataclasses.fields(AsyncSaveResponse)}
     assert "dedup_save_to_lowest_rank" in parameters(DefaultSavePlanner)

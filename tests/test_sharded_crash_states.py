@@ -43,7 +43,7 @@ import torch
 
 from async_ckpt.pipeline.storage import TMP_MARKER, is_temp_name
 from async_ckpt.sharded import ShardedCheckpointSaver, ShardedStorage, is_complete, load
-from async_ckpt.sharded.saver import remove_stale_temp_dirs
+from async_ckpt.sharded.loading import remove_stale_temp_dirs
 
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),

@@ -9,18 +9,22 @@ COMMAND:``; with ``--json``, stdout holds one JSON document whenever the status 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from async_ckpt._version import __version__
 from async_ckpt.core.resume import LatestSearch, find_latest
 from async_ckpt.pipeline.integrity import VerifyResult, read_manifest, verify
 from async_ckpt.pipeline.storage import is_temp_name
+
+if TYPE_CHECKING:
+    from async_ckpt.pipeline.remote import RemoteStore
 
 __all__ = ["EXIT_CHECKPOINT", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -138,7 +142,159 @@ def _warn(command: str, message: str) -> None:
     print(f"async-ckpt {command}: {message}", file=sys.stderr)
 
 
+# -- URLs (s3://bucket/prefix): only published checkpoints (object + manifest) count -------------------------------
+def _is_url(path: str) -> bool:
+    from async_ckpt.pipeline.remote import is_url
+
+    return is_url(path)
+
+
+def _storage_options(pairs: list[str]) -> dict[str, Any]:
+    """``--storage-option key=value`` pairs; a value is read as a Python literal where it is one (numbers,
+    booleans, dicts), else kept as a string."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"--storage-option {pair!r}: write it as key=value (e.g. anon=True)")
+        try:
+            options[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            options[key] = raw
+    return options
+
+
+def _store(args: argparse.Namespace, url: str) -> RemoteStore:
+    from async_ckpt.pipeline.remote import RemoteStore, RetryPolicy
+
+    try:
+        return RemoteStore(url, _storage_options(args.storage_option), retry=RetryPolicy(deadline_s=30.0))
+    except ImportError as exc:
+        raise _UsageError(str(exc)) from exc
+    except ValueError as exc:
+        raise _UsageError(f"{url}: {exc}") from exc
+
+
+def _remote_listing(args: argparse.Namespace, url: str) -> tuple[RemoteStore, dict[str, dict[str, Any]], list[str]]:
+    """The store, its published checkpoints (name -> manifest) and the objects without one."""
+    store = _store(args, url)
+    try:
+        published = store.manifests()
+        names = store.names()
+    except (FileNotFoundError, PermissionError) as exc:
+        raise _UsageError(f"cannot list {url}: {exc}") from exc
+    except OSError as exc:
+        raise _UsageError(f"cannot list {url}: {exc!r}") from exc
+    unpublished = [n for n in names if n.endswith(".pt") and n not in published]
+    return store, published, unpublished
+
+
+def _remote_rows(store: RemoteStore, published: dict[str, dict[str, Any]], check: bool) -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in published.items():
+        row = {
+            "name": name,
+            "reason": entry.get("reason"),
+            "step": entry.get("step", entry.get("iteration")),
+            "epoch": entry.get("epoch"),
+            "score": entry.get("score"),
+            "size": entry.get("size"),
+            "age_s": round(time.time() - float(entry.get("published_at", time.time())), 1),
+            "in_manifest": True,
+        }
+        if check:
+            problem = store.check(name, entry)
+            row["verified"] = not problem
+            row["problems"] = [problem] if problem else []
+        rows.append(row)
+    return rows
+
+
+def _warn_unpublished(command: str, url: str, unpublished: list[str]) -> None:
+    if unpublished:
+        _warn(
+            command,
+            f"{url} holds {len(unpublished)} object(s) without a manifest ({', '.join(unpublished)}): uploads in "
+            "progress or cut off; they are not checkpoints (the next writer started on this URL removes them)",
+        )
+
+
+def _ls_url(args: argparse.Namespace) -> int:
+    store, published, unpublished = _remote_listing(args, args.dir)
+    rows = _remote_rows(store, published, check=not args.no_verify)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        cols = ["name", "reason", "step", "epoch", "score", "size", "age_s"]
+        _print_table(rows, cols + ([] if args.no_verify else ["verified"]))
+    if not rows:
+        _warn("ls", f"no published checkpoint in {args.dir}")
+    _warn_unpublished("ls", args.dir, unpublished)
+    return EXIT_OK
+
+
+def _verify_url(args: argparse.Namespace) -> int:
+    url: str = args.path
+    base, _, last = url.rstrip("/").rpartition("/")
+    store, published, unpublished = _remote_listing(args, url)
+    if not published and last.endswith(".pt") and "://" in base:
+        store, published, unpublished = _remote_listing(args, base)  # one checkpoint object
+        if last not in published:
+            raise _UsageError(f"{url} is not a published checkpoint (no manifest for it under {base})")
+        published = {last: published[last]}
+    results = []
+    for name, entry in published.items():
+        problem = store.check(name, entry)
+        results.append(
+            VerifyResult(
+                store.object_url(name), not problem, ["manifest", "crc32"], [problem] if problem else [], dict(entry)
+            )
+        )
+    if not results:
+        if args.json:
+            print("[]")
+        _warn("verify", f"no published checkpoint in {url}, nothing to verify")
+        _warn_unpublished("verify", url, unpublished)
+        return EXIT_CHECKPOINT
+    return _report_verify(args, results, url)
+
+
+def _latest_url(args: argparse.Namespace) -> int:
+    store, published, unpublished = _remote_listing(args, args.dir)
+    path, info, skipped = None, {}, []
+    for name, entry in reversed(list(published.items())):
+        if args.reason and entry.get("reason") != args.reason:
+            continue
+        problem = store.check(name, entry) if args.full else ""
+        if not problem and store.object_size(name) != entry.get("size"):
+            problem = "published, but its object is missing or has another size"
+        if problem:
+            skipped.append({"path": store.object_url(name), "problems": [problem]})
+            continue
+        path, info = store.object_url(name), entry
+        break
+    error = None
+    if path is None:
+        kind = f"{args.reason} " if args.reason else ""
+        error = f"no published {kind}checkpoint in {args.dir}" + (
+            f"; every candidate fails its check: {skipped}" if skipped else ""
+        )
+    if args.json:
+        print(json.dumps({"path": path, "info": info, "skipped": skipped, "error": error}, indent=1))
+    elif path is not None:
+        print(path)
+    if error is not None:
+        _warn("latest", error)
+        _warn_unpublished("latest", args.dir, unpublished)
+        return EXIT_CHECKPOINT
+    for r in skipped:
+        _warn("latest", f"skipped {r['path']}: {'; '.join(r['problems'])}")
+    return EXIT_OK
+
+
 def _cmd_ls(args: argparse.Namespace) -> int:
+    if _is_url(args.dir):
+        return _ls_url(args)
     _need_directory(args.dir)
     listing = _list(args.dir)
     rows = _rows(args.dir, listing, check=not args.no_verify)
@@ -160,6 +316,8 @@ def _cmd_ls(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     path: str = args.path
+    if _is_url(path):
+        return _verify_url(args)
     if os.path.isdir(path):
         listing = _list(path)
         names = sorted(listing.names + listing.missing)
@@ -180,6 +338,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             else "pass a checkpoint file or the directory your saver writes to (its save_dir)"
         )
         raise _UsageError(f"{path} does not exist: {why}")
+    return _report_verify(args, results, path if os.path.isdir(path) else os.path.dirname(path) or ".")
+
+
+def _report_verify(args: argparse.Namespace, results: list[VerifyResult], where: str) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in results], indent=1, default=str))
     else:
@@ -189,7 +351,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed")
     failed = sum(not r.ok for r in results)
     if failed:
-        where = path if os.path.isdir(path) else os.path.dirname(path) or "."
         _warn("verify", f"{failed} of {len(results)} failed. {_RESUME_HINT} (async-ckpt latest --full {where}).")
         return EXIT_CHECKPOINT
     return EXIT_OK
@@ -223,6 +384,8 @@ def _why_none(args: argparse.Namespace, listing: _Listing, search: LatestSearch)
 
 
 def _cmd_latest(args: argparse.Namespace) -> int:
+    if _is_url(args.dir):
+        return _latest_url(args)
     _need_directory(args.dir)
     listing = _list(args.dir)
     search = find_latest(args.dir, reason=args.reason, full_check=args.full)
@@ -251,6 +414,16 @@ def _cmd_bench(rest: list[str]) -> int:
     return int(stall.main(rest))
 
 
+def _url_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option for a URL (repeatable; e.g. anon=True, or endpoint_url via AWS_ENDPOINT_URL)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="async-ckpt",
@@ -260,16 +433,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"async-ckpt {__version__}")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("ls", help="list checkpoints: name, step, score, size, age, verified")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a directory, or a URL (s3://bucket/prefix)")
+    _url_options(p)
     p.add_argument("--json", action="store_true", help="a JSON list with one object per file")
     p.add_argument("--no-verify", action="store_true", help="skip the CRC check of every file")
     p.set_defaults(func=_cmd_ls)
     p = sub.add_parser("verify", help="check files against the manifest and their CRCs; exit 1 if any fails")
-    p.add_argument("path", help="a checkpoint file or a directory")
+    p.add_argument("path", help="a checkpoint file or a directory (or their URL)")
+    _url_options(p)
     p.add_argument("--json", action="store_true", help="a JSON list with one object per file")
     p.set_defaults(func=_cmd_verify)
     p = sub.add_parser("latest", help="print the newest complete checkpoint of a directory")
-    p.add_argument("dir")
+    p.add_argument("dir", help="a directory, or a URL (s3://bucket/prefix)")
+    _url_options(p)
     p.add_argument("--reason", choices=["interval", "key_metric", "final"])
     p.add_argument("--full", action="store_true", help="re-read every record of the candidate")
     p.add_argument("--json", action="store_true", help="a JSON object: path, info, skipped, error")

@@ -311,7 +311,16 @@ class RemoteStore:
         on S3). A retry uploads the whole object again."""
         key = self.key(name)
         kwargs: dict[str, Any] = {"chunksize": part_size, "max_concurrency": concurrency} if self.is_s3 else {}
-        self.call(f"upload of {name}", lambda fs: fs.put_file(local, key, **kwargs), deadline)
+
+        def put(fs: Any) -> None:
+            try:
+                fs.put_file(local, key, **kwargs)
+            except TypeError:  # an s3fs without max_concurrency: its parts go one at a time
+                if not kwargs:
+                    raise
+                fs.put_file(local, key, chunksize=part_size)
+
+        self.call(f"upload of {name}", put, deadline)
 
     def publish(self, name: str, entry: Mapping[str, Any], deadline: float) -> None:
         """Write the manifest of ``name`` (the step that makes the object a checkpoint), as a conditional create.
@@ -337,8 +346,11 @@ class RemoteStore:
 
     def _create(self, fs: Any, key: str, payload: bytes) -> None:
         if self.is_s3:
-            fs.pipe_file(key, payload, mode="create")
-            return
+            try:
+                fs.pipe_file(key, payload, mode="create")  # If-None-Match: * (s3fs >= 2025.2)
+                return
+            except TypeError:  # an older s3fs: no conditional create; one writer per prefix keeps it safe
+                pass
         if fs.exists(key):
             raise FileExistsError(key)
         fs.pipe_file(key, payload)

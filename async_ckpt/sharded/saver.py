@@ -254,7 +254,7 @@ class ShardedCheckpointSaver:
         self.replicas_from_rank0 = replicas_from_rank0
         self.exception_timeout = exception_timeout
         self.storage = sharded_storage(storage, fsync=fsync)
-        self.names = CheckpointNames(file_prefix, epoch_level, score_name)
+        self._names = CheckpointNames(file_prefix, epoch_level, score_name)
         self._stager = DefaultStager(staging if staging is not None else default_staging())
         self._in_flight: _InFlight | None = None
         # The lists change only when a checkpoint has been published.
@@ -276,7 +276,7 @@ class ShardedCheckpointSaver:
             try:
                 prepare_save_dir(self.save_dir, self.storage)
                 if resume:
-                    adopted = self.names.kept_in(self.save_dir, score_function is not None, n_best)
+                    adopted = self._names.kept_in(self.save_dir, score_function is not None, n_best)
             except OSError as exc:
                 setup_error = exc
         if self._distributed:
@@ -337,15 +337,15 @@ class ShardedCheckpointSaver:
 
     def checkpoint_name(self, step: int) -> str:
         """Name of the interval checkpoint at ``step`` (an epoch or an iteration, after ``epoch_level``)."""
-        return self.names.interval(step)
+        return self._names.interval(step)
 
     def best_name(self, score: float) -> str:
         """Name of the scored checkpoint with ``score``."""
-        return self.names.best(score)
+        return self._names.best(score)
 
     def final_name(self, iteration: int) -> str:
         """Name of the final checkpoint at ``iteration``."""
-        return self.names.final(iteration)
+        return self._names.final(iteration)
 
     def attach(self, engine: Engine, score_engine: Engine | None = None) -> None:
         """Register the saver's handlers. Every rank must attach it, to the same engines.

@@ -1,23 +1,25 @@
-"""The private torch and ignite APIs that async_ckpt relies on still have the shape it uses.
+"""The private torch APIs that async_ckpt relies on still have the shape it uses; it uses no private ignite API.
 
-Each test pins one use, by its behaviour where it has one: if torch or ignite changes it, the test fails here on the
-CI's torch and ignite, instead of the package silently falling back to a slower path (plain ``torch.save``) or
-losing correctness (a retention list ignite no longer reads, a file name ignite no longer gives). The last test greps
-the package for private torch and ignite names, so that a new use cannot go unpinned, and checks that the ignite
-integration (``async_ckpt/ignite``) uses none of ignite's: it reads and replaces a ``Checkpoint``'s list through the
-public ``state_dict``/``load_state_dict`` and names files with the public ``setup_filename_pattern``, whose behaviour
-the tests of the public seams below pin.
+Each torch test pins one use, by its behaviour where it has one: if torch changes it, the test fails here on the
+CI's torch, instead of the package silently falling back to a slower path (plain ``torch.save``). The ignite tests pin
+the public seams that replaced ignite's private names (issue 13): a ``Checkpoint``'s list read and replaced through
+``state_dict``/``load_state_dict`` is the one ignite ranks, evicts from and ``last_checkpoint`` reads, and
+``setup_filename_pattern`` gives the names ignite saves under. The last tests scan the package's code (not its
+prose) for private torch and ignite names, so that a new use cannot go unpinned, and check that ``async_ckpt/ignite``
+touches no private attribute of ignite's ``Checkpoint`` or ``DiskSaver``.
 
-DCP (``async_ckpt.sharded``) is pinned in depth by ``tests/test_sharded.py::test_dcp_and_ignite_internals_have_the_
-shape_the_module_uses``; here only the private name that module sets is.
+DCP (``async_ckpt.sharded``) is pinned in depth by ``tests/test_sharded.py``; here only the private name that module
+sets is.
 """
 
 from __future__ import annotations
 
+import ast
 import inspect
 import io
 import re
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -175,7 +177,7 @@ def test_cudart_host_register_takes_pointer_size_flags() -> None:
     assert int(runtime.cudaHostUnregister(buffer.data_ptr())) == 0
 
 
-# -- ignite: Checkpoint's retention list and file names --------------------------------------------------------------
+# -- ignite: the public seams the package uses instead of private names --------------------------------------------
 
 
 class RecordingSaveHandler(BaseSaveHandler):
@@ -210,21 +212,6 @@ def test_checkpoint_item_is_a_priority_filename_pair() -> None:
     assert (item[0], item[1], item.priority, item.filename) == (0.5, "a.pt", 0.5, "a.pt")
 
 
-def test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction() -> None:
-    """A ``_saved`` list assigned as the sharded saver does when it restores its ranking is the one ignite's next call
-    ranks, evicts from and appends to, and ``last_checkpoint`` reads."""
-    handler = RecordingSaveHandler()
-    net = torch.nn.Linear(2, 2)
-    checkpoint = Checkpoint({"net": net}, handler, score_function=by_acc, score_name="acc", n_saved=2)
-    checkpoint._saved = [Checkpoint.Item(0.1, "net_acc=0.1000.pt"), Checkpoint.Item(0.5, "net_acc=0.5000.pt")]
-    checkpoint(scored(0.7))
-    assert handler.removed == ["net_acc=0.1000.pt"]
-    assert handler.saved == ["net_acc=0.7000.pt"]
-    assert list(checkpoint._saved) == [(0.5, "net_acc=0.5000.pt"), (0.7, "net_acc=0.7000.pt")]
-    assert all(isinstance(it, Checkpoint.Item) for it in checkpoint._saved)
-    assert checkpoint.last_checkpoint == "net_acc=0.7000.pt"
-
-
 @pytest.mark.parametrize(
     ("to_save", "kwargs", "name", "priority"),
     [
@@ -248,9 +235,6 @@ def test_setup_filename_pattern_gives_the_name_ignite_saves_under(
     checkpoint = Checkpoint(objects, handler, **kwargs)
     checkpoint(scored(0.7))
     assert handler.saved == [ignite_file_name(checkpoint, name, priority)]
-
-
-# -- ignite: the public seams the saver uses instead of private names ------------------------------------------------
 
 
 def test_state_dict_holds_the_list_ignite_ranks() -> None:
@@ -299,29 +283,6 @@ def test_drop_oldest_takes_the_lowest_entry_out_of_the_list() -> None:
     assert handler.removed == [] and kept(checkpoint) == [(0.1, "net_0.1000.pt")]
 
 
-@pytest.mark.parametrize("greater_or_equal", [False, True])
-def test_check_lt_n_saved_and_compare_fn_predict_ignites_decision(greater_or_equal: bool) -> None:
-    """``_check_lt_n_saved() or _compare_fn(score)`` (how the sharded saver ranks) is true exactly when ignite's own
-    call saves a checkpoint of that score: fewer than ``n_saved`` kept, or better than (or equal to) the worst."""
-    kept = [Checkpoint.Item(0.5, "a"), Checkpoint.Item(0.9, "b")]
-    for n_kept in (1, 2):
-        for score in (0.4, 0.5, 0.6):
-            handler = RecordingSaveHandler()
-            checkpoint = Checkpoint(
-                {"net": torch.nn.Linear(1, 1)},
-                handler,
-                score_function=by_acc,
-                n_saved=2,
-                greater_or_equal=greater_or_equal,
-            )
-            checkpoint._saved = list(kept[:n_kept])
-            predicted = checkpoint._check_lt_n_saved() or checkpoint._compare_fn(score)
-            checkpoint(scored(score))
-            rule = n_kept < 2 or score > 0.5 or (greater_or_equal and score == 0.5)
-            assert predicted == bool(handler.saved) == rule, (n_kept, score, greater_or_equal)
-    assert Checkpoint({}, RecordingSaveHandler(), score_function=by_acc, n_saved=1)._check_lt_n_saved() is True
-
-
 # -- torch DCP: the one private name async_ckpt.sharded sets ---------------------------------------------------------
 
 
@@ -330,7 +291,7 @@ def test_async_stager_reads_synchronize_after_execute() -> None:
     the sharded saver's already-staged stager sets to ``False``."""
     from torch.distributed.checkpoint.staging import AsyncStager
 
-    from async_ckpt.sharded.saver import _AlreadyStaged
+    from async_ckpt.sharded.writer import _AlreadyStaged
 
     class Synchronizing(_AlreadyStaged):
         _synchronize_after_execute = True
@@ -347,10 +308,6 @@ PINNED = {
     "torch._C.PyTorchFileWriter": test_pytorch_file_writer_positional_arguments_are_sink_crc_alignment,
     "torch.serialization._get_storage_alignment": test_storage_alignment_is_the_one_torch_save_uses,
     "torch.serialization._package_registry": test_register_package_and_its_registry_have_the_shape_the_tagger_uses,
-    # Still used by async_ckpt/sharded's ranking (not by async_ckpt/ignite, see the last test).
-    "Checkpoint._saved": test_checkpoint_saved_list_set_from_outside_drives_ignites_next_eviction,
-    "Checkpoint._check_lt_n_saved": test_check_lt_n_saved_and_compare_fn_predict_ignites_decision,
-    "Checkpoint._compare_fn": test_check_lt_n_saved_and_compare_fn_predict_ignites_decision,
     "AsyncStager._synchronize_after_execute": test_async_stager_reads_synchronize_after_execute,
 }
 # ignite Checkpoint objects by the names the package gives them; DCP attributes the package sets on its subclasses.
@@ -360,11 +317,65 @@ _CHECKPOINT = re.compile(r"\b(?:checkpoint|Checkpoint|_ranking|ranking)\.(_[a-z]
 _DCP_SET = {"_synchronize_after_execute": "AsyncStager"}
 
 
+def _docstring(node: ast.AST) -> ast.Expr | None:
+    """The docstring statement of a module, class or function, if it has one."""
+    body = getattr(node, "body", None)
+    if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) or not body:
+        return None
+    first = body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return first
+    return None
+
+
+def code_of(path: Path) -> str:
+    """The source of ``path`` with its docstrings and comments blanked: prose that names a private API is not a use
+    of it (lines and columns are kept)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    spans: list[tuple[int, int, int, int]] = []  # (start row, start col, end row, end col), rows from 1
+    for node in ast.walk(ast.parse(text)):
+        doc = _docstring(node)
+        if doc is not None:
+            spans.append((doc.lineno, doc.col_offset, doc.end_lineno or doc.lineno, doc.end_col_offset or 0))
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        if token.type == tokenize.COMMENT:
+            spans.append((*token.start, *token.end))
+    for srow, scol, erow, ecol in spans:
+        for row in range(srow, erow + 1):
+            line = lines[row - 1]
+            start = scol if row == srow else 0
+            end = ecol if row == erow else len(line.rstrip("\n"))
+            lines[row - 1] = line[:start] + " " * (end - start) + line[end:]
+    return "".join(lines)
+
+
+def test_code_of_blanks_prose_but_keeps_code(tmp_path: Path) -> None:
+    """The scan below reads code only: a private name in a docstring or a comment is gone, one in code (also in a
+    string that is not a docstring) stays."""
+    source = tmp_path / "sample.py"
+    source.write_text(
+        '"""Module prose: ``Checkpoint._saved``."""\n'
+        "import torch\n"
+        "\n"
+        "def f(checkpoint):\n"
+        '    """Function prose: checkpoint._saved, torch.serialization._save."""\n'
+        "    x = torch.serialization._save  # comment: torch._C._nothing\n"
+        '    return checkpoint._compare_fn, getattr(torch.serialization, "_package_registry")\n',
+        encoding="utf-8",
+    )
+    code = code_of(source)
+    assert "_saved" not in code and "_nothing" not in code and "prose" not in code
+    assert code.count("\n") == source.read_text(encoding="utf-8").count("\n")
+    assert "x = torch.serialization._save" in code and "checkpoint._compare_fn" in code
+    assert 'getattr(torch.serialization, "_package_registry")' in code
+
+
 def private_uses() -> dict[str, set[str]]:
-    """Private torch / ignite names used in the package's sources, each with the files that use it."""
+    """Private torch / ignite names used in the package's code (not its prose), each with the files that use it."""
     found: dict[str, set[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        text = path.read_text(encoding="utf-8")
+        text = code_of(path)
         names = set()
         for match in _TORCH.finditer(text):
             parts = match.group(0).split(".")
@@ -384,6 +395,8 @@ def test_every_private_torch_and_ignite_name_the_package_uses_is_pinned() -> Non
     found = private_uses()
     # The scan sees real uses (the serializer's fast path), so an empty result cannot pass for a clean package.
     assert "torch.serialization._save" in found and "torch._C.PyTorchFileWriter" in found
+    # Issue 13: neither the ignite nor the sharded saver reads or writes ignite's retention list any more.
+    assert "Checkpoint._saved" not in found, found["Checkpoint._saved"]
     unpinned = {name: sorted(files) for name, files in found.items() if name not in PINNED}
     assert not unpinned, f"private APIs used without a test here: {unpinned}"
 

@@ -130,6 +130,44 @@ def test_parameters_and_metadata_are_kept() -> None:
     staged.release()  # type: ignore[attr-defined]
 
 
+def test_flatten_copies_metadata_deeply_and_keeps_its_sharing() -> None:
+    """A state_dict's ``_metadata`` (and a dict subclass's attributes) are copied at the call: later edits of the
+    original do not reach the skeleton; an object reached twice is one object in the copy, as in the original."""
+    shared = {"version": 1}
+    sd: OrderedDict[str, object] = OrderedDict(w=torch.ones(2), step=3)
+    sd._metadata = OrderedDict([("", shared), ("a", shared), ("b", {"version": 2})])  # type: ignore[attr-defined]
+    flat = flatten({"sd": sd, "again": sd})
+    shared["version"] = 99
+    sd._metadata["b"]["version"] = 98  # type: ignore[attr-defined]
+    rebuilt = unflatten(flat.skeleton, flat.tensors)
+    for key in ("sd", "again"):
+        meta = rebuilt[key]._metadata
+        assert type(meta) is OrderedDict and list(meta) == ["", "a", "b"]
+        assert meta[""] == {"version": 1} and meta["b"] == {"version": 2} and meta[""] is meta["a"]
+        assert list(rebuilt[key].items())[1] == ("step", 3) and rebuilt[key]["w"] is sd["w"]
+    assert rebuilt["sd"] is not rebuilt["again"] and len(flat.tensors) == 2
+
+
+def test_unflatten_needs_one_tensor_per_slot_and_fingerprints_compare_skeletons() -> None:
+    """unflatten() refuses a tensor list of the wrong length; equal skeletons give equal fingerprints, and any
+    change of a non-tensor value or of where a tensor stands changes it."""
+    tree = {"a": torch.zeros(2), "b": [torch.ones(1), 5], "c": (torch.zeros(1),)}
+    flat = flatten(tree)
+    assert len(flat.tensors) == 3
+    with pytest.raises(ValueError, match="fewer"):
+        unflatten(flat.skeleton, flat.tensors[:2])
+    with pytest.raises(ValueError, match="more"):
+        unflatten(flat.skeleton, [*flat.tensors, torch.zeros(1)])
+    same = flatten({"a": torch.ones(3), "b": [torch.zeros(4), 5], "c": (torch.ones(2),)})
+    assert flat.fingerprint() is not None and flat.fingerprint() == same.fingerprint()
+    assert flatten({"a": torch.zeros(2), "b": [torch.ones(1), 6], "c": (torch.zeros(1),)}).fingerprint() != (
+        flat.fingerprint()
+    )
+    assert flatten({"a": torch.zeros(2), "b": [5, torch.ones(1)], "c": (torch.zeros(1),)}).fingerprint() != (
+        flat.fingerprint()
+    )
+
+
 def test_buffers_are_reused_and_memory_is_bounded() -> None:
     """A hundred saves of one layout allocate at most max_pending buffer sets and hold constant memory."""
     stager = Stager(max_pending=2)

@@ -33,6 +33,7 @@ import operator
 import pickle
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,11 +63,24 @@ logger = logging.getLogger("async_ckpt")
 PREWARM_THREAD_NAME = "async_ckpt-prewarm"
 
 
-@dataclass(frozen=True)
 class _Slot:
-    """Placeholder for the ``index``-th tensor in a flattened tree."""
+    """The marker that stands for a tensor in a flattened tree (one instance, :data:`_SLOT`).
 
-    index: int
+    Slots carry no index: :func:`unflatten` walks the skeleton in the order :func:`flatten` walked the tree, so
+    the ``i``-th slot it meets is the ``i``-th tensor. One shared marker costs nothing to create, and pickles (for
+    :meth:`Flat.fingerprint`) as a memo reference after its first occurrence.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_SLOT"
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_SLOT = _Slot()
 
 
 @dataclass
@@ -74,8 +88,8 @@ class Flat:
     """A nested state split into a tensor-free skeleton and its tensors.
 
     Attributes:
-        skeleton: the tree with every tensor replaced by a ``_Slot``; non-tensor leaves are deep copies.
-        tensors: the source tensors, in slot order.
+        skeleton: the tree with every tensor replaced by :data:`_SLOT`; non-tensor leaves are deep copies.
+        tensors: the source tensors, in the order their slots are walked.
     """
 
     skeleton: Any
@@ -90,6 +104,29 @@ class Flat:
 
 
 _ATOMIC = frozenset({int, float, bool, str, bytes, type(None), complex})
+_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
+def _copy_data(node: Any, memo: dict[int, Any]) -> Any:
+    r"""``copy.deepcopy(node, memo)``, with dicts (and plain ``OrderedDict``\ s) of plain values copied without
+    its per-object dispatch.
+
+    A module ``state_dict``'s ``_metadata`` (an ``OrderedDict`` of one small dict per module) is the usual case.
+    The memo is ``deepcopy``'s, so an object reached twice is still copied once.
+    """
+    kind = type(node)
+    if kind in _ATOMIC:
+        return node
+    if kind is dict or (kind is OrderedDict and not node.__dict__):
+        got = memo.get(id(node))
+        if got is not None:
+            return got
+        out: dict[Any, Any] = kind()
+        memo[id(node)] = out
+        for key, value in node.items():
+            out[key if type(key) in _ATOMIC else copy.deepcopy(key, memo)] = _copy_data(value, memo)
+        return out
+    return copy.deepcopy(node, memo)
 
 
 def flatten(tree: Any) -> Flat:
@@ -102,41 +139,69 @@ def flatten(tree: Any) -> Flat:
         Exception: whatever ``copy.deepcopy`` raises for a leaf that cannot be copied.
     """
     tensors: list[torch.Tensor] = []
+    add = tensors.append
     memo: dict[int, Any] = {}
 
     def walk(node: Any) -> Any:
         kind = type(node)
+        if kind in _TENSOR_TYPES:
+            add(node)
+            return _SLOT
         if kind in _ATOMIC:  # immutable: nothing to copy (most of an optimizer's param_groups)
             return node
-        if isinstance(node, torch.Tensor):
-            tensors.append(node)
-            return _Slot(len(tensors) - 1)
         if kind is dict:
             return {key: walk(value) for key, value in node.items()}
+        if kind is list:
+            return [walk(v) for v in node]
+        if isinstance(node, torch.Tensor):
+            add(node)
+            return _SLOT
+        if kind is OrderedDict:  # a module state_dict: same result as the generic path below, without copy.copy
+            ordered = OrderedDict([(key, walk(value)) for key, value in node.items()])
+            if node.__dict__:
+                ordered.__dict__.update(_copy_data(node.__dict__, memo))
+            return ordered
         if isinstance(node, dict):
             out = copy.copy(node)  # keeps the dict subclass and shallow-copies its attributes
             if hasattr(node, "__dict__"):
-                out.__dict__.update(copy.deepcopy(node.__dict__, memo))
+                out.__dict__.update(_copy_data(node.__dict__, memo))
             for key, value in node.items():
                 out[key] = walk(value)
             return out
         if isinstance(node, list):
             return [walk(v) for v in node]
         if isinstance(node, tuple) and not hasattr(node, "_fields"):
-            return tuple(walk(v) for v in node)
+            return tuple([walk(v) for v in node])
         if isinstance(node, tuple):  # namedtuple
-            return type(node)(*(walk(v) for v in node))
+            return type(node)(*[walk(v) for v in node])
         return copy.deepcopy(node, memo)
 
     return Flat(walk(tree), tensors)
 
 
 def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
-    """Rebuild a tree from ``skeleton``, putting ``tensors[i]`` where ``_Slot(i)`` stands."""
+    """Rebuild a tree from ``skeleton``, putting ``tensors[i]`` where the ``i``-th slot stands (in walk order).
+
+    Raises:
+        ValueError: ``tensors`` holds more or fewer tensors than ``skeleton`` has slots.
+    """
+    it = iter(tensors)
 
     def walk(node: Any) -> Any:
-        if isinstance(node, _Slot):
-            return tensors[node.index]
+        if node is _SLOT:
+            return next(it)
+        kind = type(node)
+        if kind in _ATOMIC:
+            return node
+        if kind is dict:
+            return {key: walk(value) for key, value in node.items()}
+        if kind is list:
+            return [walk(v) for v in node]
+        if kind is OrderedDict:  # same as copy.copy (shallow attributes) + assignments, without copy.copy
+            ordered = OrderedDict([(key, walk(value)) for key, value in node.items()])
+            if node.__dict__:
+                ordered.__dict__.update(node.__dict__)
+            return ordered
         if isinstance(node, dict):
             out = copy.copy(node)
             for key, value in node.items():
@@ -145,12 +210,18 @@ def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
         if isinstance(node, list):
             return [walk(v) for v in node]
         if isinstance(node, tuple) and not hasattr(node, "_fields"):
-            return tuple(walk(v) for v in node)
+            return tuple([walk(v) for v in node])
         if isinstance(node, tuple):
-            return type(node)(*(walk(v) for v in node))
+            return type(node)(*[walk(v) for v in node])
         return node
 
-    return walk(skeleton)
+    try:
+        tree = walk(skeleton)
+    except StopIteration:
+        raise ValueError("unflatten: fewer tensors than the skeleton has slots") from None
+    if next(it, None) is not None:
+        raise ValueError("unflatten: more tensors than the skeleton has slots")
+    return tree
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)

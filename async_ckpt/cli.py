@@ -179,6 +179,10 @@ def _remote_listing(args: argparse.Namespace, url: str) -> tuple[RemoteStore, di
     """The store, its published checkpoints (name -> manifest) and the objects without one."""
     store = _store(args, url)
     try:
+        if not store.bucket_exists():
+            raise _UsageError(
+                f"{url}: no bucket {store.root.split('/', 1)[0]!r} (or no access to it with these credentials)"
+            )
         published = store.manifests()
         names = store.names()
     except (FileNotFoundError, PermissionError) as exc:

@@ -257,3 +257,58 @@ def test_importing_async_ckpt_does_not_import_s3fs() -> None:
     code = "import sys, async_ckpt, async_ckpt.core.checkpointer; print('s3fs' in sys.modules, 'fsspec' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def _env(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the AWS environment variables (AWS_ENDPOINT_URL included) at the loopback server."""
+    for var, value in (
+        ("AWS_ENDPOINT_URL", s3.server.endpoint),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(var, value)
+
+
+def test_cli_lists_verifies_and_finds_the_latest_on_a_url(
+    s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ls/verify/latest on a URL see the published checkpoints, with the exit status of the local case; a damaged
+    object fails verify (1) and latest --full skips it; an object without a manifest is named, never listed."""
+    from async_ckpt.cli import main
+
+    with remote(s3, tmp_path) as ckpt:
+        for step in range(2):
+            ckpt.save(step, state_at(step))
+    s3.fs().pipe_file(f"{BUCKET}/run1/step_00000009.pt", b"cut off")  # an upload that never got its manifest
+    _env(s3, monkeypatch)
+    capsys.readouterr()
+    assert main(["ls", URL, "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = __import__("json").loads(out)
+    assert [(r["name"], r["step"], r["verified"]) for r in rows] == [
+        ("step_00000000.pt", 0, True),
+        ("step_00000001.pt", 1, True),
+    ]
+    assert "step_00000009.pt" in err and "without a manifest" in err
+    assert main(["verify", URL]) == 0
+    assert "2 passed, 0 failed" in capsys.readouterr().out
+    assert main(["verify", f"{URL}/step_00000001.pt"]) == 0
+    assert "1 passed, 0 failed" in capsys.readouterr().out
+    assert main(["latest", URL]) == 0
+    assert capsys.readouterr().out.strip() == f"{URL}/step_00000001.pt"
+
+    key = f"{BUCKET}/run1/step_00000001.pt"
+    data = bytearray(s3.fs().cat_file(key))
+    data[-100] ^= 0xFF
+    s3.fs().pipe_file(key, bytes(data))
+    assert main(["verify", URL]) == 1
+    assert "CRC-32" in capsys.readouterr().out
+    assert main(["latest", URL, "--full"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"{URL}/step_00000000.pt" and "skipped" in err
+    assert main(["latest", f"s3://{BUCKET}/empty"]) == 1
+    assert "no published checkpoint" in capsys.readouterr().err
+    assert main(["ls", "s3://no-such-bucket/x"]) == 2
+    assert main(["ls", URL, "--storage-option", "nonsense"]) == 2
+    assert "key=value" in capsys.readouterr().err

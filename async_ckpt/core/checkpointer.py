@@ -233,13 +233,8 @@ class Checkpointer:
             sync_errors=False,
             exit_timeout=exit_timeout,
         )
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            _check_writable(self.directory)
-        except BaseException:
-            if self.remote is not None:
-                self.remote.close()
-            raise
+        os.makedirs(self.directory, exist_ok=True)
+        _check_writable(self.directory)
         removed = remove_stale_temp_files(self.directory)
         if removed:
             logger.info("async_ckpt: removed %d temporary file(s) of an interrupted run", len(removed))
@@ -252,6 +247,7 @@ class Checkpointer:
         self._leaving: list[tuple[Entry, WriteJob]] = []  # evicted or replaced, until the evicting job is done
         self._failures: list[Failure] = []
         self._retry_removes: list[str] = []
+        self._best_paths: set[str] = set()  # files keep_best kept when saved: never skipped by the uploader
         self._closed = False
         files = read_manifest(self.directory)["files"]
         entries = entries_from_manifest(self.directory, files, self._pattern, reason=REASON)
@@ -260,6 +256,7 @@ class Checkpointer:
         self.retention.restore(entries)
         if self.remote is not None:
             self._upload_unpublished()
+            self.remote.start()  # last: a constructor that raised above leaves no thread behind
 
     # -- saving --------------------------------------------------------------------------------------------------
     def path_for(self, step: int) -> str:
@@ -321,6 +318,10 @@ class Checkpointer:
         retry = [p for p in self._retry_removes if p != path and p not in kept]
         removes = [e.path for e in decision.evict] + [p for p in retry if p not in {e.path for e in decision.evict}]
         self._pipeline.save_dict = state  # overlap mode guards the optimizers found here
+        if decision.best:  # read by the writer thread once the file is durable (before job.tag is set here)
+            self._best_paths.add(path)
+        else:
+            self._best_paths.discard(path)
         job = self._pipeline.save(tree, path, removes, REASON, {"step": step, "metrics": numbers}, step=step)
         job.tag = decision
         self.retention.apply(decision)
@@ -495,16 +496,14 @@ class Checkpointer:
     # -- failures and bookkeeping ----------------------------------------------------------------------------------
     def _durable(self, stats: SaveStats) -> None:
         # Writer thread: the job being finished is the one whose result is set and done flag is not yet.
-        best = False
         with self._lock:
             for handle in self._handles.values():
                 job = handle._job
                 if job is not None and job.result is not None and not job.done.is_set():
                     handle._stats = stats
-                    best = isinstance(job.tag, Decision) and job.tag.best
                     break
         if self.remote is not None:
-            self.remote.submit(stats.path, protected=best)
+            self.remote.submit(stats.path, protected=stats.path in self._best_paths)
         if self._on_durable is not None:
             self._on_durable(stats)
 

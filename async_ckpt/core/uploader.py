@@ -12,8 +12,9 @@ was already evicted is skipped too. Failures (after retries within the deadline)
 :class:`~async_ckpt.errors.CheckpointWriteError` for the owner to raise on the training thread; the local copy stays.
 
 Thread-safety: ``submit`` may be called from any thread (the writer thread calls it); ``wait``, ``close``,
-``take_errors``, ``published`` and ``fetch`` from the owner's thread. The thread is started at construction and
-joined by ``close``.
+``take_errors``, ``published`` and ``fetch`` from the owner's thread. Construction cleans up leftovers of a killed
+writer and lists what is published (network calls, no thread); :meth:`RemoteTier.start` starts the thread and
+:meth:`RemoteTier.close` joins it.
 """
 
 from __future__ import annotations
@@ -231,7 +232,11 @@ class RemoteTier:
             )
         self._published = self.store.manifests()
         self._thread = threading.Thread(target=self._run, name=UPLOAD_THREAD_NAME, daemon=True)
-        self._thread.start()
+
+    def start(self) -> None:
+        """Start the uploader thread (once the owner is fully constructed; jobs submitted before wait for it)."""
+        if self._thread.ident is None and not self._closing:
+            self._thread.start()
 
     # -- the owner's side ----------------------------------------------------------------------------------------
     def submit(self, path: str, *, protected: bool = False) -> None:
@@ -257,20 +262,19 @@ class RemoteTier:
 
     def published(self) -> dict[str, dict[str, Any]]:
         """The published checkpoints (name -> manifest), oldest save first, as listed by the store now."""
-        found = self.store.manifests()
-        with self._cond:
-            self._published = dict(found)
-        return found
+        return self.store.manifests()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until nothing waits for upload (``False`` if ``timeout`` passed first)."""
+        if self._thread.ident is None and self._queue:
+            raise RuntimeError("RemoteTier.wait: uploads are queued but start() was not called.")
         with self._cond:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Upload what is queued, stop the thread and join it. Idempotent. ``False`` if ``timeout`` passed first
         (the thread is told to give up; what is left is reported by :meth:`take_errors`)."""
-        finished = self.wait(timeout)
+        finished = self.wait(timeout) if self._thread.ident is not None else not self._queue
         with self._cond:
             self._closing = True
             left = list(self._queue)
@@ -280,7 +284,8 @@ class RemoteTier:
             self.store.cancel()
             for job in left:
                 self._fail(job, TimeoutError(f"still waiting for upload after {timeout}s at close"))
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
         return finished
 
     def take_errors(self) -> list[CheckpointWriteError]:
@@ -370,7 +375,7 @@ class RemoteTier:
         self.store.publish(name, entry, deadline)
         t3 = time.perf_counter()
         with self._cond:
-            self._published[name] = entry
+            self._published[name] = entry  # only this thread changes it after construction
         self.stats.record(
             RemoteStats(
                 name, True, size, t1 - t0, t2 - t1, t3 - t2, time.monotonic() - job.queued_at, self.store.refreshes
@@ -395,7 +400,7 @@ class RemoteTier:
             published = dict(self._published)
         newest_at = float(published[newest].get("saved_at", 0.0))
         for name, entry in published.items():
-            if name in kept or float(entry.get("saved_at", 0.0)) > newest_at:
+            if name in kept or not self._is_checkpoint(name) or float(entry.get("saved_at", 0.0)) > newest_at:
                 continue
             self.store.delete(name)
             with self._cond:

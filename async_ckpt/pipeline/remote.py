@@ -381,6 +381,11 @@ class RemoteStore:
         return removed
 
     # -- reading -------------------------------------------------------------------------------------------------
+    def bucket_exists(self) -> bool:
+        """Whether the bucket (the first part of the root) exists and can be seen with these credentials."""
+        bucket = self.root.split("/", 1)[0]
+        return bool(self.call(f"check of bucket {bucket}", lambda fs: fs.exists(bucket)))
+
     def names(self) -> list[str]:
         """The object names directly under the prefix (manifests excluded)."""
 

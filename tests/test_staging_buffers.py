@@ -152,3 +152,56 @@ def test_many_small_storages_are_copied_exactly_and_the_padding_stays_zero() -> 
         staged.release()
     assert stager.allocations == 1
     assert sum(t.untyped_storage().nbytes() for t in small) > 3 * 32768  # several serial groups (see _cat_groups)
+
+
+def _as_int32(a: torch.Tensor) -> torch.Tensor:
+    return a.view(torch.int32)
+
+
+def _shrink(a: torch.Tensor) -> torch.Tensor:
+    return a.resize_(5)
+
+
+def _transpose(a: torch.Tensor) -> torch.Tensor:
+    return a.view(2, 6).t_()
+
+
+def _grow_storage(a: torch.Tensor) -> torch.Tensor:
+    a.untyped_storage().resize_(4 * 1000)
+    return a
+
+
+def _set_elsewhere(a: torch.Tensor) -> torch.Tensor:
+    return a.set_(torch.arange(50.0, 62.0).untyped_storage())
+
+
+def _needs_grad(a: torch.Tensor) -> torch.Tensor:
+    return a.requires_grad_(True)
+
+
+def _as_parameter(a: torch.Tensor) -> torch.Tensor:
+    return torch.nn.Parameter(a, requires_grad=False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_as_int32, _shrink, _transpose, _grow_storage, _set_elsewhere, _needs_grad, _as_parameter],
+    ids=["dtype-view", "shrunk-in-place", "transposed-in-place", "storage-resized", "set-to-other", "grad", "param"],
+)
+def test_cached_plan_is_not_reused_after_any_change_of_a_tensor(change: object) -> None:
+    """A tensor changed in place between two saves (same Python object, as optimizer state is) or replaced by one
+    on the same storage with another dtype, type or requires_grad, is staged as it is now, never as planned."""
+    stager = Stager(max_pending=1)
+    a, b = torch.arange(12.0), torch.arange(100.0, 112.0)
+    warm = stager.stage([a, b])
+    assert warm is not None
+    warm.release()
+    now = [change(a), b]  # type: ignore[operator]
+    staged = stager.stage(now)
+    assert staged is not None
+    for view, t in zip(staged.views, now, strict=True):
+        assert type(view) is type(t) and view.dtype == t.dtype and view.requires_grad == t.requires_grad
+        assert view.shape == t.shape and view.stride() == t.stride() and view.storage_offset() == t.storage_offset()
+        assert torch.equal(view.detach(), t.detach())
+        assert view.untyped_storage().nbytes() == t.untyped_storage().nbytes()
+    staged.release()

@@ -176,7 +176,7 @@ def report_tables(sizes: list[dict[str, Any]], every: int) -> str:
                     "-" if dash else _ms(a["next_step_extra_p50_s"]),
                     "-" if dash else durable,
                     _num(a["overhead_pct"], "{:+.1f}%"),
-                    "-" if dash else _ms(a["flush_p50_s"]),
+                    _ms(a["flush_p50_s"]),
                     verified,
                 ]
                 lines.append("| " + " | ".join(cells) + " |")

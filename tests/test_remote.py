@@ -205,6 +205,17 @@ def test_a_multipart_upload_publishes_the_same_bytes(s3: S3, tmp_path: Path) -> 
     assert (tmp_path / "other" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
 
 
+def test_saving_the_same_step_again_publishes_the_new_bytes(s3: S3, tmp_path: Path) -> None:
+    """A second save of a step replaces the published checkpoint: the manifest and object then hold the new state."""
+    with remote(s3, tmp_path) as ckpt:
+        ckpt.save(0, state_at(0))
+        ckpt.wait(30)
+        ckpt.save(0, state_at(1))
+    assert published(s3) == ["step_00000000.pt"]
+    with remote(s3, tmp_path, "other") as again:
+        assert trees_equal(again.load(), state_at(1))
+
+
 def test_a_damaged_object_fails_its_download(s3: S3, tmp_path: Path) -> None:
     """An object whose bytes no longer match its manifest is refused at load, and no file is left under its name."""
     with remote(s3, tmp_path) as ckpt:

@@ -168,6 +168,12 @@ class UploadTelemetry:
         }
 
 
+def _identity(path: str) -> tuple[int, int, int]:
+    """(inode, size, mtime) of ``path``: a new save of the same name renames a new file onto it."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class _Job:
     path: str
@@ -360,16 +366,39 @@ class RemoteTier:
         deadline = time.monotonic() + self.options.deadline_s
         t0 = time.perf_counter()
         try:
+            before = _identity(job.path)
             size, crc = file_crc32(job.path)
         except FileNotFoundError:
             self.stats.record(RemoteStats(name, False, skipped="evicted locally before its upload"))
             return
         t1 = time.perf_counter()
+        with self._cond:
+            previous = self._published.get(name)
+        if previous is not None and (previous.get("size"), previous.get("crc32")) == (size, crc):
+            self.stats.record(RemoteStats(name, True, 0, t1 - t0, lag_s=time.monotonic() - job.queued_at))
+            return  # published already (a restart re-submitted it)
+        if previous is not None:
+            # A new save of the same name: unpublish the old one before its object is overwritten, so no reader
+            # takes the old manifest for the new bytes (readers see the old checkpoint, then none, then the new).
+            self.store.delete(name, deadline, keep_object=True)
+            with self._cond:
+                self._published.pop(name, None)
         info = dict(read_manifest(self.local_dir)["files"].get(name) or {})
         entry = {**info, "size": size, "crc32": crc, "published_at": time.time()}
         entry.setdefault("saved_at", time.time())
-        self.store.upload(job.path, name, self.options.part_size, self.options.concurrency, deadline)
-        t2 = time.perf_counter()
+        try:
+            self.store.upload(job.path, name, self.options.part_size, self.options.concurrency, deadline)
+            t2 = time.perf_counter()
+            replaced = _identity(job.path) != before  # saved again: the job queued for the new file publishes it
+        except FileNotFoundError:
+            if os.path.exists(job.path):
+                raise
+            self.store.delete(name, deadline)  # evicted locally while uploading: not wanted any more
+            self.stats.record(RemoteStats(name, False, skipped="evicted locally during its upload"))
+            return
+        if replaced:
+            self.stats.record(RemoteStats(name, False, skipped="saved again during its upload"))
+            return
         if self.store.object_size(name) != size:  # cheap guard against an object replaced under us
             raise OSError(f"{self.store.object_url(name)} does not hold the {size} B just uploaded")
         self.store.publish(name, entry, deadline)

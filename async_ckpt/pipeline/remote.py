@@ -355,11 +355,12 @@ class RemoteStore:
             raise FileExistsError(key)
         fs.pipe_file(key, payload)
 
-    def delete(self, name: str, deadline: float | None = None) -> None:
+    def delete(self, name: str, deadline: float | None = None, *, keep_object: bool = False) -> None:
         """Unpublish ``name`` (manifest first, so no reader takes a checkpoint whose object is going), then delete
-        its object."""
-        self.call(f"unpublish of {name}", lambda fs: _rm(fs, self.manifest_key(name)), deadline)
-        self.call(f"delete of {name}", lambda fs: _rm(fs, self.key(name)), deadline)
+        its object (unless ``keep_object``: it is about to be overwritten)."""
+        self.call(f"unpublish of {name}", _remover(self.manifest_key(name)), deadline)
+        if not keep_object:
+            self.call(f"delete of {name}", _remover(self.key(name)), deadline)
 
     def cleanup(self, is_checkpoint: Callable[[str], bool]) -> list[str]:
         """Abort the multipart uploads left under the prefix and delete checkpoint objects without a manifest

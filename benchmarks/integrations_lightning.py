@@ -33,7 +33,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO as LightningAsyncChec
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
 from async_ckpt.lightning import AsyncCheckpointIO
-from benchmarks.integrations_savers import LIGHTNING_VARIANTS
+from benchmarks.integrations_savers import LIGHTNING_VARIANTS, telemetry_of
 from benchmarks.workloads import sample_state
 
 LIGHTNING_METADATA = {".async_ckpt_manifest.json"}
@@ -49,6 +49,7 @@ class SaveLog:
         self._lock = threading.Lock()
         self.calls: dict[str, tuple[float, float]] = {}
         self.done: dict[str, float] = {}
+        self.telemetry: dict[str, dict[str, float]] = {}
         self.last_call_start = 0.0
 
     def called(self, path: str, t0: float, t1: float) -> None:
@@ -57,11 +58,13 @@ class SaveLog:
             self.calls[os.path.abspath(path)] = (t0, t1)
             self.last_call_start = t0
 
-    def completed(self, path: str) -> None:
-        """The file at ``path`` is complete now (durable, for a plugin that fsyncs)."""
+    def completed(self, path: str, telemetry: dict[str, float] | None = None) -> None:
+        """The file at ``path`` is complete now (durable, for a plugin that fsyncs), with the plugin's own figures."""
         t = time.perf_counter()
         with self._lock:
             self.done[os.path.abspath(path)] = t
+            if telemetry is not None:
+                self.telemetry[os.path.abspath(path)] = telemetry
 
 
 def _timed_save(cls: type[CheckpointIO], log: SaveLog, done_on_return: bool) -> type[CheckpointIO]:
@@ -103,7 +106,7 @@ def make_plugin(name: str, log: SaveLog) -> CheckpointIO | None:
         return timed_async(checkpoint_io=_CompletingTorchCheckpointIO(log))
     if name == "async-ckpt":
         timed_ours = _timed_save(AsyncCheckpointIO, log, done_on_return=False)
-        return timed_ours(on_durable=lambda stats: log.completed(stats.path))
+        return timed_ours(on_durable=lambda stats: log.completed(stats.path, telemetry_of(stats)))
     raise ValueError(f"unknown Lightning variant {name!r}; choose from {', '.join(LIGHTNING_VARIANTS)}")
 
 

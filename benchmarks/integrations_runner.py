@@ -173,6 +173,7 @@ def run_lightning(wl: Workload, variant: str, every: int, steps: int, save_dir: 
     stall = {s: e["t1"] - e["t0"] for s, e in events.items()}
     in_plugin = {s: log.calls[e["path"]][1] - log.calls[e["path"]][0] for s, e in events.items() if e["path"]}
     durable = {s: log.done[e["path"]] - e["t0"] for s, e in events.items() if e["path"] in log.done}
+    telemetry = {s: log.telemetry[e["path"]] for s, e in events.items() if e["path"] in log.telemetry}
     files = {}
     for name in os.listdir(save_dir):
         m = _CKPT_RE.search(name)
@@ -182,7 +183,7 @@ def run_lightning(wl: Workload, variant: str, every: int, steps: int, save_dir: 
     ok, errors = verify_files(samples, files, il.load_lightning, save_dir, il.LIGHTNING_METADATA)
     fsyncs = LIGHTNING_FSYNCS[variant]
     record = _record(
-        "lightning", variant, every, clock.steps, stall, in_plugin, durable, fsyncs, {}, ok, samples, errors
+        "lightning", variant, every, clock.steps, stall, in_plugin, durable, fsyncs, telemetry, ok, samples, errors
     )
     record.update(window_s=clock.window_s, flush_s=t_done - clock.last, run_s=t_done - t_run)
     del trainer, module, plugin, ckpt

@@ -51,6 +51,18 @@ LOOP_METADATA = {".async_ckpt_manifest.json"}  # Checkpointer's manifest, next t
 _STEP_RE = re.compile(r"step_(\d+)\.pt$")
 
 
+def telemetry_of(stats: Any) -> dict[str, float]:
+    """The figures of an ``async_ckpt.SaveStats`` that the report keeps (seconds, bytes, MiB/s)."""
+    return {
+        "blocking_s": stats.blocking_s,
+        "backpressure_s": stats.backpressure_s,
+        "snapshot_s": stats.snapshot_s,
+        "durable_s": stats.durable_s,
+        "nbytes": float(stats.nbytes),
+        "write_mib_s": stats.throughput_mib_s,
+    }
+
+
 def step_of(path: str) -> int | None:
     """The step in a ``step_<N>.pt`` file name, or ``None``."""
     m = _STEP_RE.search(os.path.basename(path))
@@ -148,14 +160,7 @@ class CheckpointerSaver(LoopSaver):
             return
         with self._lock:
             self.durable_at[step] = t
-            self.telemetry[step] = {
-                "blocking_s": stats.blocking_s,
-                "backpressure_s": stats.backpressure_s,
-                "snapshot_s": stats.snapshot_s,
-                "durable_s": stats.durable_s,
-                "nbytes": float(stats.nbytes),
-                "write_mib_s": stats.throughput_mib_s,
-            }
+            self.telemetry[step] = telemetry_of(stats)
 
     def save(self, step: int) -> None:
         self.ckpt.save(step, {"model": self.wl.model, "optim": self.wl.optimizer})

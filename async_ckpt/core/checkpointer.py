@@ -211,7 +211,6 @@ class Checkpointer:
                 local_dir=local_dir,
                 options=upload,
                 is_checkpoint=lambda n: self._pattern.fullmatch(n) is not None,
-                kept=lambda: [os.path.basename(e.path) for e in self.retention.entries],
                 name=name,
             )
             self.url = self.remote.url
@@ -240,6 +239,8 @@ class Checkpointer:
             logger.info("async_ckpt: removed %d temporary file(s) of an interrupted run", len(removed))
         self._pipeline = SavePipeline({}, self.options, storage, lambda: logger, name=name)
         self._pipeline.on_durable = self._durable
+        if self.remote is not None:
+            self._pipeline.on_evicted = self.remote.evicted
         self._on_durable = on_durable
         self._lock = threading.Lock()
         self._handles: dict[int, SaveHandle] = {}  # id(job) -> handle, until settled

@@ -120,6 +120,9 @@ class SavePipeline:
         self._deferred: list[Staged] = []
         self._hooks: dict[int, Any] = {}
         self.on_durable: Callable[[SaveStats], None] | None = None
+        # Called on the writer thread with the files a durable save evicted (its ``removes``), before on_durable;
+        # the remote tier deletes their published copies after its next publish.
+        self.on_evicted: Callable[[list[str]], None] | None = None
 
     # -- the training-thread path --------------------------------------------------------------------------------
     def save(
@@ -184,6 +187,8 @@ class SavePipeline:
 
         def done(result: JobResult) -> None:
             staged.release()
+            if result.ok and self.on_evicted is not None:
+                self.on_evicted([p for p in removes if p != path])
             self._record(path, reason, result, t0, blocking, staged, reused)
 
         job = WriteJob(

@@ -4,7 +4,8 @@ The local directory is an ordinary async_ckpt directory (written durably, pruned
 checkpoint that becomes durable there is handed to :meth:`RemoteTier.submit`; the uploader thread
 (``async_ckpt-upload``) uploads it (multipart, parts in parallel), then publishes its manifest last
 (:class:`~async_ckpt.pipeline.remote.RemoteStore`). After each publish, remote checkpoints that the local retention
-no longer keeps are deleted (manifest first), so the remote tier prunes only after a newer checkpoint is published.
+evicted (the owner reports them through :meth:`RemoteTier.evicted`, e.g. from ``SavePipeline.on_evicted``) are
+deleted (manifest first), so the remote tier prunes only after a newer checkpoint is published.
 
 When the uploader falls behind (more than ``max_behind`` checkpoints waiting), the older waiting ones that are not
 protected (best-metric or final) are skipped: the remote tier coalesces to the newest. A checkpoint whose local file
@@ -190,9 +191,6 @@ class RemoteTier:
         local_dir: the local staging directory (default :func:`~async_ckpt.pipeline.remote.default_local_dir`).
         options: upload options.
         is_checkpoint: whether an object name is one of this owner's checkpoints (cleanup deletes only those).
-        kept: the names of the checkpoints the local retention keeps now (called on the uploader thread; must be
-            safe to call from there); remote checkpoints not among them are deleted after a newer publish.
-            ``None``: never delete remotely.
         name: label of log lines.
 
     Raises:
@@ -208,7 +206,6 @@ class RemoteTier:
         local_dir: str | os.PathLike[str] | None = None,
         options: UploadOptions | None = None,
         is_checkpoint: Callable[[str], bool] = lambda n: n.endswith(".pt"),
-        kept: Callable[[], Collection[str]] | None = None,
         name: str = "upload",
     ) -> None:
         self.options = options if options is not None else UploadOptions()
@@ -221,7 +218,7 @@ class RemoteTier:
         self.name = name
         self.stats = UploadTelemetry()
         self._is_checkpoint = is_checkpoint
-        self._kept = kept
+        self._evicted: set[str] = set()  # names the local retention evicted, until deleted remotely
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
         self._busy = False
@@ -251,11 +248,19 @@ class RemoteTier:
         with self._cond:
             if self._closing:
                 return
+            self._evicted.discard(os.path.basename(path))  # saved again under an evicted name
             self._queue = collections.deque(j for j in self._queue if j.path != path)
             self._queue.append(_Job(path, protected))
             self.stats.queued(os.path.basename(path))
             self._coalesce()
             self._cond.notify_all()
+
+    def evicted(self, paths: Collection[str]) -> None:
+        """The owner's retention evicted these local files (any thread; call it once the file replacing them is
+        durable). A waiting upload of one is skipped; a published one is deleted after the next publish."""
+        names = {os.path.basename(p) for p in paths}
+        with self._cond:
+            self._evicted |= names
 
     def _coalesce(self) -> None:
         """Skip the oldest unprotected waiting jobs while more than ``max_behind`` wait (lock held)."""
@@ -359,8 +364,9 @@ class RemoteTier:
 
     def _upload(self, job: _Job) -> None:
         name = os.path.basename(job.path)
-        kept = set(self._kept()) if self._kept is not None else None
-        if (kept is not None and name not in kept) or not os.path.isfile(job.path):
+        with self._cond:
+            gone = name in self._evicted
+        if gone or not os.path.isfile(job.path):
             self.stats.record(RemoteStats(name, False, skipped="evicted locally before its upload"))
             return
         deadline = time.monotonic() + self.options.deadline_s
@@ -417,21 +423,21 @@ class RemoteTier:
             size / 2**20,
             size / max(t2 - t1, 1e-9) / 2**20,
         )
-        self._prune(name, kept)
+        self._prune(name)
 
-    def _prune(self, newest: str, kept: set[str] | None) -> None:
-        """Delete the remote checkpoints older than ``newest`` that the local retention no longer keeps."""
-        if kept is None:
-            return
-        kept = set(self._kept()) if self._kept is not None else kept
-        kept.add(newest)
+    def _prune(self, newest: str) -> None:
+        """Delete the published checkpoints older than ``newest`` that the local retention evicted."""
         with self._cond:
             published = dict(self._published)
+            evicted = set(self._evicted)
         newest_at = float(published[newest].get("saved_at", 0.0))
         for name, entry in published.items():
-            if name in kept or not self._is_checkpoint(name) or float(entry.get("saved_at", 0.0)) > newest_at:
+            if name == newest or name not in evicted or not self._is_checkpoint(name):
+                continue
+            if float(entry.get("saved_at", 0.0)) > newest_at:
                 continue
             self.store.delete(name)
             with self._cond:
                 self._published.pop(name, None)
+                self._evicted.discard(name)
             logger.info("async_ckpt: removed %s (evicted by the local retention)", self.store.object_url(name))

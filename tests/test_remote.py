@@ -323,3 +323,40 @@ def test_cli_lists_verifies_and_finds_the_latest_on_a_url(
     assert main(["ls", "s3://no-such-bucket/x"]) == 2
     assert main(["ls", URL, "--storage-option", "nonsense"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_remote_tier_for_another_owner(s3: S3, tmp_path: Path) -> None:
+    """The tier as an integration (the ignite saver) wires it: submit_unpublished at start, saved_items for its
+    retention, evicted() from the pipeline's on_evicted, prune after the next publish, close joins the thread."""
+    from async_ckpt.core.uploader import RemoteTier
+    from async_ckpt.pipeline.integrity import entry_for, update_manifest
+    from async_ckpt.pipeline.storage import FileStorage
+
+    local = tmp_path / "saver"
+    local.mkdir()
+
+    def write(name: str, info: dict[str, Any]) -> str:
+        path = str(local / name)
+        torch.save(state_at(len(name)), path)
+        update_manifest(FileStorage(fsync=False), str(local), {name: entry_for(path, info)}, [])
+        return path
+
+    first = write("checkpoint_epoch=1.pt", {"reason": "interval", "score": 1})
+    write("checkpoint_key_metric=0.5.pt", {"reason": "key_metric", "score": 0.5})
+    tier = RemoteTier(URL, storage_options=s3.options, local_dir=local, options=FAST)
+    try:
+        queued = tier.submit_unpublished(protected=lambda e: e.get("reason") in ("key_metric", "final"))
+        assert [os.path.basename(p) for p in queued] == ["checkpoint_epoch=1.pt", "checkpoint_key_metric=0.5.pt"]
+        tier.start()
+        assert tier.wait(30)
+        assert tier.saved_items("interval", "checkpoint") == [(1, "checkpoint_epoch=1.pt")]
+        second = write("checkpoint_epoch=2.pt", {"reason": "interval", "score": 2})
+        os.unlink(first)
+        tier.evicted([first])  # what SavePipeline.on_evicted reports once epoch 2 is durable
+        tier.submit(second)
+        assert tier.wait(30)
+        assert tier.take_errors() == []
+    finally:
+        tier.close()
+    assert published(s3) == ["checkpoint_key_metric=0.5.pt", "checkpoint_epoch=2.pt"]
+    assert objects(s3) == ["checkpoint_epoch=2.pt", "checkpoint_key_metric=0.5.pt"]

@@ -256,7 +256,7 @@ class Checkpointer:
             entries = self._with_remote(entries, files)
         self.retention.restore(entries)
         if self.remote is not None:
-            self._upload_unpublished()
+            self.remote.submit_unpublished()
             self.remote.start()  # last: a constructor that raised above leaves no thread behind
 
     # -- saving --------------------------------------------------------------------------------------------------
@@ -583,16 +583,6 @@ class Checkpointer:
             dated.append((float(info.get("saved_at", 0.0)), entry))
         dated.sort(key=lambda it: (it[0], it[1].step))
         return [e for _, e in dated]
-
-    def _upload_unpublished(self) -> None:
-        """Queue the local checkpoints that are not published (a previous run stopped before their upload)."""
-        assert self.remote is not None
-        published = self.remote.published()
-        for e in self.retention.entries:
-            name = os.path.basename(e.path)
-            info = published.get(name)
-            if os.path.isfile(e.path) and (info is None or info.get("size") != os.path.getsize(e.path)):
-                self.remote.submit(e.path)
 
     def _remote_name(self, which: str) -> str | None:
         """The object name of ``which`` if it is a URL under this checkpointer's ``directory``."""

@@ -32,7 +32,7 @@ from typing import Any
 from async_ckpt.errors import CheckpointWriteError
 from async_ckpt.pipeline.integrity import read_manifest
 from async_ckpt.pipeline.remote import RemoteStore, RetryPolicy, default_local_dir, file_crc32
-from async_ckpt.pipeline.storage import FileStorage, check_local_dir
+from async_ckpt.pipeline.storage import FileStorage, check_local_dir, is_temp_name
 
 __all__ = ["UPLOAD_THREAD_NAME", "RemoteStats", "RemoteTier", "UploadOptions", "UploadTelemetry"]
 
@@ -270,6 +270,48 @@ class RemoteTier:
                 return
             self._queue.remove(victim)
             self.stats.record(RemoteStats(os.path.basename(victim.path), False, skipped="coalesced: a newer one waits"))
+
+    def submit_unpublished(self, protected: Callable[[Mapping[str, Any]], bool] = lambda entry: False) -> list[str]:
+        """Queue the local checkpoints that are not published with the same size (a previous run stopped before
+        their upload), oldest first; call it once at start, before :meth:`start`.
+
+        Args:
+            protected: given a file's local manifest entry (``{}`` if unlisted), whether coalescing must keep it.
+
+        Returns:
+            The queued paths.
+        """
+        files: dict[str, Any] = read_manifest(self.local_dir)["files"]
+        found: list[tuple[float, str, Mapping[str, Any]]] = []
+        try:
+            names = os.listdir(self.local_dir)
+        except FileNotFoundError:
+            return []
+        for name in names:
+            path = self.local_path(name)
+            if self._is_checkpoint(name) and not is_temp_name(name) and os.path.isfile(path):
+                entry = files.get(name) or {}
+                found.append((float(entry.get("saved_at", os.path.getmtime(path))), path, entry))
+        with self._cond:
+            published = dict(self._published)
+        queued = []
+        for _, path, entry in sorted(found, key=lambda it: it[0]):
+            remote = published.get(os.path.basename(path))
+            if remote is None or remote.get("size") != os.path.getsize(path):
+                self.submit(path, protected=protected(entry))
+                queued.append(path)
+        return queued
+
+    def saved_items(self, reason: str, prefix: str) -> list[tuple[Any, str]]:
+        """(score, name) of the published checkpoints saved for ``reason`` whose name starts with ``prefix``, best
+        last: :func:`async_ckpt.core.resume.saved_items` for the bucket (ignite's ``Checkpoint._saved`` shape), so a
+        saver on an empty ``local_dir`` continues its retention from what is published."""
+        items = [
+            (e["score"], name)
+            for name, e in self.published().items()
+            if e.get("reason") == reason and name.startswith(prefix) and e.get("score") is not None
+        ]
+        return sorted(items, key=lambda it: it[0])
 
     def published(self) -> dict[str, dict[str, Any]]:
         """The published checkpoints (name -> manifest), oldest save first, as listed by the store now."""

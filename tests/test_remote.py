@@ -360,3 +360,25 @@ def test_remote_tier_for_another_owner(s3: S3, tmp_path: Path) -> None:
         tier.close()
     assert published(s3) == ["checkpoint_key_metric=0.5.pt", "checkpoint_epoch=2.pt"]
     assert objects(s3) == ["checkpoint_epoch=2.pt", "checkpoint_key_metric=0.5.pt"]
+
+
+def test_errors_are_classified_for_retry() -> None:
+    """Throttling, 5xx and dropped connections retry; expired credentials refresh; anything else is raised at once,
+    also when s3fs wrapped the botocore error in an OSError."""
+    from botocore.exceptions import ClientError
+
+    from async_ckpt.pipeline.remote import classify
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError(
+            {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+        )
+
+    wrapped = OSError("translated by s3fs")
+    wrapped.__cause__ = client_error("SlowDown", 503)
+    assert classify(wrapped) == "transient"
+    assert classify(client_error("InternalError", 500)) == "transient"
+    assert classify(client_error("ExpiredToken", 400)) == "expired"
+    assert classify(ConnectionResetError()) == "transient"
+    assert classify(client_error("AccessDenied", 403)) == "permanent"
+    assert classify(ValueError("bad")) == "permanent"

@@ -267,7 +267,7 @@ class RemoteStore:
         if deadline is None:
             deadline = time.monotonic() + self.retry.deadline_s
         delay = self.retry.backoff_s
-        attempt = 0
+        attempt = expired = 0
         while True:
             attempt += 1
             fs = self.fs
@@ -288,9 +288,11 @@ class RemoteStore:
                             self.refreshes += 1
                             logger.info("async_ckpt: credentials for %s expired; refreshing them", self.url)
                             self.fs = self._build()
+                    expired += 1
                     if left <= 0:
                         raise
-                    continue
+                    if expired == 1:
+                        continue  # fresh credentials: retry at once; if they are refused too, back off below
                 wait = min(delay, self.retry.backoff_max_s) * (0.5 + random.random() / 2)
                 if left <= wait or self._stop.is_set():
                     raise

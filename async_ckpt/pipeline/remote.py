@@ -222,7 +222,7 @@ class RemoteStore:
         try:
             import fsspec
         except ImportError as exc:
-            raise ImportError(f"a URL directory ({self.url}) needs fsspec and s3fs: {_INSTALL}") from exc
+            raise ImportError(f"{self.url} is a URL: it needs fsspec and s3fs ({_INSTALL})") from exc
         options = dict(self.storage_options)
         if self.credentials is not None:
             options.update(self.credentials())
@@ -230,11 +230,11 @@ class RemoteStore:
             return fsspec.filesystem(self.protocol, skip_instance_cache=True, **options)
         except ImportError as exc:
             raise ImportError(
-                f"{self.url}: the fsspec package for {self.protocol}:// is not installed ({exc}). For s3://: {_INSTALL}"
+                f"{self.url} is a URL whose fsspec package is not installed ({exc}). For s3://: {_INSTALL}"
             ) from exc
         except ValueError as exc:
             if "Protocol not known" in str(exc):
-                raise ValueError(f"{self.url}: fsspec knows no protocol {self.protocol!r}.") from exc
+                raise ValueError(f"{self.url} is a URL of a protocol unknown to fsspec ({self.protocol!r}).") from exc
             raise
 
     @property

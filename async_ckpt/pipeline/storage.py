@@ -81,8 +81,8 @@ def check_local_dir(directory: str, argument: str) -> None:
     scheme, sep, _ = directory.partition("://")
     if sep and scheme and scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
         raise ValueError(
-            f"{argument}={directory!r} is a URL; async_ckpt writes to a local (or mounted) directory only for now. "
-            "Pass a local path, or write locally and copy the checkpoints to the object store yourself."
+            f"{argument}={directory!r} is a URL; this argument needs a local (or mounted) directory. For object "
+            "stores, pass the URL as the directory of a Checkpointer (it stages locally and uploads: docs/remote.md)."
         )
 
 

@@ -120,7 +120,7 @@ def latest_checkpoint(
 def saved_items(save_dir: str, reason: str, prefix: str) -> list[tuple[Any, str]]:
     """(priority, file name) of the manifest's files for ``reason`` whose name starts with ``prefix``, best last.
 
-    This is the shape of ignite's ``Checkpoint._saved`` list, so a saver on the same directory can continue
+    This is the shape of the list in ignite's ``Checkpoint.state_dict()``, so a saver on the same directory can continue
     top-N / keep-last-N retention across restarts.
     """
     files: dict[str, Any] = read_manifest(save_dir)["files"]

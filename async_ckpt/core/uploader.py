@@ -304,7 +304,7 @@ class RemoteTier:
 
     def saved_items(self, reason: str, prefix: str) -> list[tuple[Any, str]]:
         """(score, name) of the published checkpoints saved for ``reason`` whose name starts with ``prefix``, best
-        last: :func:`async_ckpt.core.resume.saved_items` for the bucket (ignite's ``Checkpoint._saved`` shape), so a
+        last: :func:`async_ckpt.core.resume.saved_items` for the bucket (the shape of the list in ignite's ``Checkpoint.state_dict()``), so a
         saver on an empty ``local_dir`` continues its retention from what is published."""
         items = [
             (e["score"], name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,22 +173,30 @@ def resume_kept(
     save_dir: str,
     save_dict: Mapping[str, Any],
     file_prefix: str,
+    published: Callable[[str, str], list[tuple[Any, str]]] | None = None,
 ) -> None:
     """Rebuild each ``Checkpoint``'s list from the files the manifest of ``save_dir`` records for its handler.
 
     Only files still on disk under the name this ``Checkpoint`` would give them (or its handler's fixed name) are
-    taken, so that another saver's files in the same directory are never pruned by this one.
+    taken, so that another saver's files in the same directory are never pruned by this one. With a URL
+    ``save_dir``, ``published(reason, prefix)`` adds the checkpoints published in the store (a run resumed on an
+    empty local directory continues the store's retention); a local file of the same name wins.
     """
     name = "checkpoint" if len(save_dict) > 1 else next(iter(save_dict))
     for checkpoint, handler in checkpoints:
         prefix = f"{file_prefix}_{name}_" if file_prefix else f"{name}_"  # ignite's default file name pattern
         if handler.filename is not None:
             prefix = ""
+        items = dict((fname, priority) for priority, fname in published(handler.reason, prefix)) if published else {}
+        items.update((fname, priority) for priority, fname in saved_items(save_dir, handler.reason, prefix))
         replace_kept(
             checkpoint,
-            [
-                (priority, fname)
-                for priority, fname in saved_items(save_dir, handler.reason, prefix)
-                if fname == (handler.filename or ignite_file_name(checkpoint, name, priority))
-            ],
+            sorted(
+                (
+                    (priority, fname)
+                    for fname, priority in items.items()
+                    if fname == (handler.filename or ignite_file_name(checkpoint, name, priority))
+                ),
+                key=lambda it: it[0],
+            ),
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ from ignite.handlers import Checkpoint
 from async_ckpt.core.agreement import RankAgreement
 from async_ckpt.core.resume import remove_stale_temp_files
 from async_ckpt.core.save_pipeline import SavePipeline, attach_failure, close_on_exit, failure_to_error
+from async_ckpt.core.uploader import UploadOptions
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.ignite.flush import RunEndFlush
 from async_ckpt.ignite.kept import drop_oldest, resume_kept, roll_back, save_tracked
@@ -40,8 +42,10 @@ from async_ckpt.ignite.preemption import PreemptionGuard
 from async_ckpt.ignite.prewarm import Prewarm
 from async_ckpt.ignite.save_handler import AsyncSaveHandler, save_dict_objects
 from async_ckpt.ignite.scores import final_score, key_metric_score
+from async_ckpt.ignite.upload import connect, open_remote
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
-from async_ckpt.pipeline.storage import DirectIO, FileStorage, check_local_dir
+from async_ckpt.pipeline.remote import is_url
+from async_ckpt.pipeline.storage import DirectIO, FileStorage
 
 if TYPE_CHECKING:
     from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
@@ -106,6 +110,13 @@ class AsyncCheckpointSaver:
         preempt_grace_s: seconds to wait for pending writes after a preemption signal.
         storage: file operations (a :class:`~async_ckpt.pipeline.storage.FileStorage` subclass); for tests and
             special file systems.
+        storage_options: with a URL ``save_dir`` (``s3://bucket/prefix``): the fsspec filesystem's arguments
+            (endpoint, credentials); the AWS environment variables work too. See docs/remote.md.
+        local_dir: with a URL ``save_dir``: the local staging directory the files are made durable in before
+            they are uploaded (default ``~/.cache/async_ckpt/<protocol>/<bucket>/<prefix>``).
+        upload: with a URL ``save_dir``: part size, concurrency, retry deadline, coalescing and credentials
+            (:class:`~async_ckpt.core.uploader.UploadOptions`). ``wait()``, ``close()`` and the flush at the end
+            of a run also wait for the uploads; an upload failure is raised like a write failure.
 
     Raises:
         AssertionError: ``save_dir`` is ``None`` or ``save_dict`` is empty (as MONAI).
@@ -150,13 +161,17 @@ class AsyncCheckpointSaver:
         preempt_signal: int | None = None,
         preempt_grace_s: float = 60.0,
         storage: FileStorage | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
+        upload: UploadOptions | None = None,
     ) -> None:
         if save_dir is None:
             raise AssertionError("must provide directory to save the checkpoints.")
-        check_local_dir(os.fspath(save_dir), "save_dir")
-        self.save_dir = save_dir
         if not (save_dict is not None and len(save_dict) > 0):
             raise AssertionError("must provide source objects to save.")
+        self.url = os.fspath(save_dir) if is_url(save_dir) else None
+        save_dir, self.remote = open_remote(save_dir, storage_options, local_dir, upload, name or "saver")
+        self.save_dir = save_dir
         self.save_dict = save_dict
         self.options = AsyncOptions(
             max_pending=max_pending,
@@ -195,6 +210,7 @@ class AsyncCheckpointSaver:
             )
         self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
         self._pipeline.on_durable = on_durable
+        start_upload = connect(self._pipeline, self.remote, on_durable) if self.remote is not None else None
         if saves and idist.get_rank() == 0:
             # Before ignite's DiskSaver would create it: a new directory must be fsynced into its parent too.
             self._pipeline.client.storage.make_dirs(str(save_dir))
@@ -258,7 +274,10 @@ class AsyncCheckpointSaver:
             else None
         )
         if resume:
-            resume_kept(self._checkpoints(), str(save_dir), save_dict, file_prefix)
+            published = self.remote.saved_items if self.remote is not None else None
+            resume_kept(self._checkpoints(), str(save_dir), save_dict, file_prefix, published)
+        if start_upload is not None:
+            start_upload()  # last: a constructor that raised above leaves no uploader thread behind
 
     def _checkpoint(self, filename: str | None, reason: str, **kwargs: Any) -> Checkpoint:
         handler = AsyncSaveHandler(self._pipeline, self.save_dir, filename=filename, reason=reason)
@@ -375,8 +394,13 @@ class AsyncCheckpointSaver:
             CheckpointWriteError: a queued checkpoint could not be written (the original is ``__cause__``).
             TimeoutError: ``timeout`` seconds passed first.
         """
+        start = time.monotonic()
         if not self._pipeline.wait(timeout):
             raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
+        if self.remote is not None:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            if not self.remote.wait(left):
+                raise TimeoutError(f"async_ckpt: uploads to {self.remote.url} still pending after {timeout}s.")
         self.raise_pending(sync=barrier)
 
     def close(self) -> None:
@@ -386,7 +410,11 @@ class AsyncCheckpointSaver:
         self._closed = True
         if self._preemption is not None:
             self._preemption.uninstall()
-        self._pipeline.close()
+        try:
+            self._pipeline.close()
+        finally:
+            if self.remote is not None:
+                self.remote.close()
         self.raise_pending()
 
     def __enter__(self) -> AsyncCheckpointSaver:
@@ -411,9 +439,13 @@ class AsyncCheckpointSaver:
                 does; the checkpoint events agree on their own.
         """
         failures = self._take_failures()
-        failed = bool(failures)
+        uploads = self.remote.take_errors() if self.remote is not None else []
+        failed = bool(failures or uploads)
         if sync:
             (failed,) = self._agreement.any(failed)
+        if failed and not failures and uploads:
+            uploads[0].more = len(uploads) - 1
+            raise uploads[0]
         if failed:
             _raise_failures(failures)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from async_ckpt._version import __version__
 from async_ckpt.core.checkpointer import Checkpointer, CheckpointInfo, SaveHandle
 from async_ckpt.core.resume import latest_checkpoint
+from async_ckpt.core.uploader import UploadOptions
 from async_ckpt.errors import AsyncCheckpointError, CheckpointWriteError, SnapshotError, WriterClosedError
 from async_ckpt.options import AsyncOptions
 from async_ckpt.pipeline.storage import FileStorage
@@ -29,6 +30,7 @@ __all__ = [
     "SaveHandle",
     "SaveStats",
     "SnapshotError",
+    "UploadOptions",
     "WriterClosedError",
     "__version__",
     "latest_checkpoint",

@@ -216,6 +216,7 @@ def test_public_api_is_pinned() -> None:
         "SaveHandle",
         "SaveStats",
         "SnapshotError",
+        "UploadOptions",
         "WriterClosedError",
         "__version__",
         "latest_checkpoint",

@@ -390,3 +390,23 @@ def test_location_tagger_coexists_with_other_libraries_taggers() -> None:
 
     done = subprocess.run([sys.executable, "-c", _TAGGER_CLASH], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_sparse_tensors_are_cloned_and_a_failed_stage_gives_its_buffers_back() -> None:
+    """A sparse tensor replacing a dense one is staged as a whole clone (counted by its dense size); a tensor that
+    cannot be copied (meta) fails the call without keeping the buffer set, so the next save is not blocked."""
+    stager = Stager(max_pending=1)
+    dense, other = torch.arange(12.0), torch.arange(4.0)
+    first = stager.stage([dense, other])
+    assert first is not None
+    first.release()
+    sparse = dense.to_sparse()
+    staged = stager.stage([sparse, other], block=False)
+    assert staged is not None and staged.views[0].is_sparse
+    assert torch.equal(staged.views[0].to_dense(), dense) and staged.nbytes == dense.nbytes + other.nbytes
+    staged.release()
+    with pytest.raises(NotImplementedError):
+        stager.stage([torch.empty(12, device="meta"), other])
+    again = stager.stage([dense, other], block=False)
+    assert again is not None and torch.equal(again.views[0], dense)
+    again.release()

@@ -767,12 +767,12 @@ class Stager:
         try:
             ready, guard = self._copy(plan, bufset, late)
             views = self._cached_views(bufset, tensors, plan)
+            nbytes = bufset.nbytes
+            if not plan.reusable:
+                nbytes += sum(_clone_nbytes(v) for v, o in zip(views, plan.owner, strict=True) if o < 0)
         except BaseException:
             self._give_back(bufset)
             raise
-        nbytes = bufset.nbytes
-        if not plan.reusable:
-            nbytes += sum(v.nbytes for v, o in zip(views, plan.owner, strict=True) if o < 0)
         staged = Staged(
             views=views,
             nbytes=nbytes,
@@ -978,6 +978,14 @@ class Stager:
                 torch.cuda.current_stream(device).wait_event(box[0])
 
         return ready, guard
+
+
+def _clone_nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor cloned as a whole; a sparse one counts its dense size (``nbytes`` is undefined for it)."""
+    try:
+        return int(t.nbytes)
+    except RuntimeError:
+        return t.numel() * t.element_size()
 
 
 def _run_all(fns: list[Callable[[], None]]) -> Callable[[], None] | None:

@@ -30,6 +30,7 @@ def test_prewarm_allocates_for_a_nested_save_dict(tmp_path: Path) -> None:
     t.opt.step()  # the optimizer state exists, so the layout is final at attach
     with AsyncCheckpointSaver(str(tmp_path), nested(t), save_interval=1, prewarm=True) as saver:
         saver.attach(t.engine)
+        assert saver._pipeline.stager.join_prewarm(timeout=60)  # prewarm runs in the background
         assert saver._pipeline.stager.allocations == 2
         t.engine.run(t.data, max_epochs=3)
     assert saver._pipeline.stager.allocations == 2

@@ -10,8 +10,8 @@ from typing import BinaryIO
 import pytest
 from _doubles import GatedStorage
 
-from async_ckpt.pipeline import writer as writer_mod
 from async_ckpt.errors import WriterClosedError
+from async_ckpt.pipeline import writer as writer_mod
 from async_ckpt.pipeline.storage import FileStorage
 from async_ckpt.pipeline.writer import JobResult, WriteJob, WriterClient, worker_alive
 

@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import threading
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,12 +36,11 @@ import torch
 from async_ckpt.core.resume import remove_stale_temp_files
 from async_ckpt.core.retention import Decision, Entry, Mode, Retention, entries_from_manifest
 from async_ckpt.core.save_pipeline import SavePipeline, close_on_exit, failure_to_error
-from async_ckpt.core.uploader import RemoteTier, UploadOptions, UploadTelemetry
+from async_ckpt.core.uploader import UploadOptions, UploadTelemetry, open_directory, wait_durable
 from async_ckpt.errors import CheckpointWriteError, WriterClosedError
 from async_ckpt.options import AsyncOptions, OverflowPolicy, SnapshotMode
 from async_ckpt.pipeline.integrity import read_manifest, update_manifest
-from async_ckpt.pipeline.remote import is_url
-from async_ckpt.pipeline.storage import FileStorage, check_local_dir
+from async_ckpt.pipeline.storage import FileStorage
 from async_ckpt.pipeline.telemetry import SaveStats, Telemetry
 from async_ckpt.pipeline.writer import Failure, WriteJob
 
@@ -202,26 +200,15 @@ class Checkpointer:
         self.file_prefix = file_prefix
         self._name_prefix = f"{file_prefix}_" if file_prefix else ""
         self._pattern = re.compile(re.escape(self._name_prefix) + r"step_(\d+)\.pt")
-        self.url: str | None = None
-        self.remote: RemoteTier | None = None
-        if is_url(os.fspath(directory)):
-            self.remote = RemoteTier(
-                os.fspath(directory),
-                storage_options=storage_options,
-                local_dir=local_dir,
-                options=upload,
-                is_checkpoint=lambda n: self._pattern.fullmatch(n) is not None,
-                name=name,
-            )
-            self.url = self.remote.url
-            directory = self.remote.local_dir
-        elif storage_options is not None or local_dir is not None or upload is not None:
-            raise ValueError(
-                f"storage_options, local_dir and upload apply to a URL directory (s3://...), and directory="
-                f"{os.fspath(directory)!r} is local: drop them, or pass a URL."
-            )
-        self.directory = os.fspath(directory)
-        check_local_dir(self.directory, "directory")
+        self.directory, self.remote = open_directory(
+            directory,
+            storage_options=storage_options,
+            local_dir=local_dir,
+            upload=upload,
+            name=name,
+            is_checkpoint=lambda n: self._pattern.fullmatch(n) is not None,
+        )
+        self.url: str | None = self.remote.url if self.remote is not None else None
         self.options = AsyncOptions(
             max_pending=max_pending,
             overflow=overflow,
@@ -358,13 +345,7 @@ class Checkpointer:
             CheckpointWriteError: a checkpoint could not be written (the original is ``__cause__``).
             TimeoutError: ``timeout`` seconds passed first.
         """
-        start = time.monotonic()
-        if not self._pipeline.wait(timeout):
-            raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
-        if self.remote is not None:
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            if not self.remote.wait(left):
-                raise TimeoutError(f"async_ckpt: uploads to {self.url} still pending after {timeout}s.")
+        wait_durable(self._pipeline.wait, self.remote, timeout)
         self._raise_failures()
 
     def close(self) -> None:

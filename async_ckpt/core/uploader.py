@@ -31,10 +31,18 @@ from typing import Any
 
 from async_ckpt.errors import CheckpointWriteError
 from async_ckpt.pipeline.integrity import read_manifest
-from async_ckpt.pipeline.remote import RemoteStore, RetryPolicy, default_local_dir, file_crc32
+from async_ckpt.pipeline.remote import RemoteStore, RetryPolicy, default_local_dir, file_crc32, is_url
 from async_ckpt.pipeline.storage import FileStorage, check_local_dir, is_temp_name
 
-__all__ = ["UPLOAD_THREAD_NAME", "RemoteStats", "RemoteTier", "UploadOptions", "UploadTelemetry"]
+__all__ = [
+    "UPLOAD_THREAD_NAME",
+    "RemoteStats",
+    "RemoteTier",
+    "UploadOptions",
+    "UploadTelemetry",
+    "open_directory",
+    "wait_durable",
+]
 
 logger = logging.getLogger("async_ckpt")
 
@@ -304,8 +312,9 @@ class RemoteTier:
 
     def saved_items(self, reason: str, prefix: str) -> list[tuple[Any, str]]:
         """(score, name) of the published checkpoints saved for ``reason`` whose name starts with ``prefix``, best
-        last: :func:`async_ckpt.core.resume.saved_items` for the bucket (the shape of the list in ignite's ``Checkpoint.state_dict()``), so a
-        saver on an empty ``local_dir`` continues its retention from what is published."""
+        last: :func:`async_ckpt.core.resume.saved_items` for the bucket (the shape of the list in ignite's
+        ``Checkpoint.state_dict()``), so a saver on an empty ``local_dir`` continues its retention from what is
+        published."""
         items = [
             (e["score"], name)
             for name, e in self.published().items()
@@ -483,3 +492,66 @@ class RemoteTier:
                 self._published.pop(name, None)
                 self._evicted.discard(name)
             logger.info("async_ckpt: removed %s (evicted by the local retention)", self.store.object_url(name))
+
+
+def open_directory(
+    directory: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None,
+    local_dir: str | os.PathLike[str] | None,
+    upload: UploadOptions | None,
+    name: str,
+    is_checkpoint: Callable[[str], bool],
+    arg: str = "directory",
+    uploads_here: bool = True,
+) -> tuple[str, RemoteTier | None]:
+    """Resolve an owner's directory argument: the local directory it writes to, and the remote tier for a URL.
+
+    Args:
+        directory: a local path, or a URL (``s3://bucket/prefix``).
+        storage_options, local_dir, upload: the URL's options (see :class:`RemoteTier`); refused with a local path.
+        name: label of log lines.
+        is_checkpoint: whether an object name is one of this owner's checkpoints.
+        arg: the owner's name for ``directory``, for error messages.
+        uploads_here: whether this process uploads (in a distributed run, only the saving rank does; the others
+            need only the local directory's name and must not touch the store).
+
+    Raises:
+        ValueError: a remote option with a local path, or a bad URL.
+        ImportError: fsspec or the protocol's package is missing.
+    """
+    if not is_url(directory):
+        if storage_options is not None or local_dir is not None or upload is not None:
+            raise ValueError(
+                f"storage_options, local_dir and upload apply to a URL {arg} (s3://...), and {arg}="
+                f"{os.fspath(directory)!r} is local: drop them, or pass a URL."
+            )
+        check_local_dir(os.fspath(directory), arg)
+        return os.fspath(directory), None
+    if not uploads_here:
+        return (os.fspath(local_dir) if local_dir is not None else default_local_dir(os.fspath(directory))), None
+    tier = RemoteTier(
+        os.fspath(directory),
+        storage_options=storage_options,
+        local_dir=local_dir,
+        options=upload,
+        is_checkpoint=is_checkpoint,
+        name=name,
+    )
+    return tier.local_dir, tier
+
+
+def wait_durable(pipeline_wait: Callable[[float | None], bool], tier: RemoteTier | None, timeout: float | None) -> None:
+    """Wait until every queued checkpoint is durable (``pipeline_wait``) and, with a remote tier, published or
+    skipped, within one ``timeout`` for both.
+
+    Raises:
+        TimeoutError: ``timeout`` seconds passed first (the message says which tier was still busy).
+    """
+    start = time.monotonic()
+    if not pipeline_wait(timeout):
+        raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
+    if tier is not None:
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        if not tier.wait(left):
+            raise TimeoutError(f"async_ckpt: uploads to {tier.url} still pending after {timeout}s.")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
@@ -34,7 +33,7 @@ from ignite.handlers import Checkpoint
 from async_ckpt.core.agreement import RankAgreement
 from async_ckpt.core.resume import remove_stale_temp_files
 from async_ckpt.core.save_pipeline import SavePipeline, attach_failure, close_on_exit, failure_to_error
-from async_ckpt.core.uploader import UploadOptions
+from async_ckpt.core.uploader import UploadOptions, wait_durable
 from async_ckpt.errors import CheckpointWriteError, SnapshotError
 from async_ckpt.ignite.flush import RunEndFlush
 from async_ckpt.ignite.kept import drop_oldest, resume_kept, roll_back, save_tracked
@@ -394,13 +393,7 @@ class AsyncCheckpointSaver:
             CheckpointWriteError: a queued checkpoint could not be written (the original is ``__cause__``).
             TimeoutError: ``timeout`` seconds passed first.
         """
-        start = time.monotonic()
-        if not self._pipeline.wait(timeout):
-            raise TimeoutError(f"async_ckpt: checkpoints still pending after {timeout}s.")
-        if self.remote is not None:
-            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            if not self.remote.wait(left):
-                raise TimeoutError(f"async_ckpt: uploads to {self.remote.url} still pending after {timeout}s.")
+        wait_durable(self._pipeline.wait, self.remote, timeout)
         self.raise_pending(sync=barrier)
 
     def close(self) -> None:

@@ -15,9 +15,7 @@ from typing import Any
 import ignite.distributed as idist
 
 from async_ckpt.core.save_pipeline import SavePipeline
-from async_ckpt.core.uploader import RemoteTier, UploadOptions
-from async_ckpt.pipeline.remote import default_local_dir, is_url
-from async_ckpt.pipeline.storage import check_local_dir
+from async_ckpt.core.uploader import RemoteTier, UploadOptions, open_directory
 from async_ckpt.pipeline.telemetry import SaveStats
 
 __all__ = ["PROTECTED_REASONS", "connect", "open_remote"]
@@ -42,25 +40,16 @@ def open_remote(
         ValueError: a remote option with a local ``save_dir``, or a bad URL.
         ImportError: fsspec or the protocol's package (``s3fs``) is missing.
     """
-    if not is_url(save_dir):
-        if storage_options is not None or local_dir is not None or upload is not None:
-            raise ValueError(
-                f"storage_options, local_dir and upload apply to a URL save_dir (s3://...), and save_dir="
-                f"{os.fspath(save_dir)!r} is local: drop them, or pass a URL."
-            )
-        check_local_dir(os.fspath(save_dir), "save_dir")
-        return os.fspath(save_dir), None
-    if idist.get_rank() != 0:
-        return (os.fspath(local_dir) if local_dir is not None else default_local_dir(os.fspath(save_dir))), None
-    tier = RemoteTier(
-        os.fspath(save_dir),
+    return open_directory(
+        save_dir,
         storage_options=storage_options,
         local_dir=local_dir,
-        options=upload,
-        is_checkpoint=lambda n: n.endswith(".pt"),
+        upload=upload,
         name=name,
+        is_checkpoint=lambda n: n.endswith(".pt"),
+        arg="save_dir",
+        uploads_here=idist.get_rank() == 0,
     )
-    return tier.local_dir, tier
 
 
 def connect(

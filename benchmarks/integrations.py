@@ -31,16 +31,15 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from typing import Any
 
-from benchmarks.common import describe_machine, machine_info, write_json
+from benchmarks.common import describe_machine, write_json
 from benchmarks.integrations_report import NOTES, aggregate, format_ratios, ratios, report_tables
 from benchmarks.integrations_runner import plan_runs, run_size
 from benchmarks.integrations_savers import LIGHTNING_VARIANTS, LOOP_VARIANTS
-from benchmarks.workloads import calibrate_compute_iters
+from benchmarks.workloads import prepare_run
 
 SUITES = {"loop": LOOP_VARIANTS, "lightning": LIGHTNING_VARIANTS}
 MODES: dict[str, dict[str, Any]] = {
@@ -186,19 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    ckpt_parent = os.path.abspath(args.ckpt_dir or os.path.join(out, "ckpt-tmp"))
-    os.makedirs(ckpt_parent, exist_ok=True)
-    ckpt_root = tempfile.mkdtemp(prefix="integrations-", dir=ckpt_parent)  # ours alone: removed at the end
-
-    info = machine_info(ckpt_root)
-    print("## Machine\n")
-    print(describe_machine(info), flush=True)
-    if args.compute_iters is not None:
-        compute_iters, per = args.compute_iters, float("nan")
-    else:
-        compute_iters, per = calibrate_compute_iters(args.compute_ms)
+    out, ckpt_root, info, compute_iters, per = prepare_run(args, "integrations")
     variants = ", ".join(f"{s}/{n}" for s, n in pairs)
     print(
         f"\nMode {args.mode}: sizes {', '.join(f'{s:g}' for s in sizes)} MiB; {variants}; {rounds} interleaved "
@@ -218,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(ckpt_root, ignore_errors=True)
         if not args.ckpt_dir:
             with contextlib.suppress(OSError):
-                os.rmdir(ckpt_parent)
+                os.rmdir(os.path.dirname(ckpt_root))
 
     agg = aggregate(raw)
     compared = ratios(agg)

@@ -21,15 +21,14 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 
-from benchmarks.common import describe_machine, machine_info, write_json
+from benchmarks.common import describe_machine, write_json
 from benchmarks.stall_plots import make_plots
 from benchmarks.stall_report import TARGET_EVERY, aggregate, evaluate_targets, format_targets, notes, report_tables
 from benchmarks.stall_runner import WORKER_ENV, plan_cases, run_sizes, worker_main
 from benchmarks.stall_savers import SAVERS
-from benchmarks.workloads import calibrate_compute_iters
+from benchmarks.workloads import prepare_run
 
 MODES = {
     "quick": {
@@ -124,19 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         steps = (args.checkpoints or defaults["checkpoints"]) * every + every - 1
     tight_every = args.tight_every if args.tight_every != every else 0
     tight_steps = (args.tight_checkpoints or defaults["tight_checkpoints"]) * tight_every + max(tight_every - 1, 0)
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    ckpt_parent = os.path.abspath(args.ckpt_dir or os.path.join(out, "ckpt-tmp"))
-    os.makedirs(ckpt_parent, exist_ok=True)
-    ckpt_root = tempfile.mkdtemp(prefix="stall-", dir=ckpt_parent)  # ours alone: removed at the end
-
-    info = machine_info(ckpt_root)
-    print("## Machine\n")
-    print(describe_machine(info), flush=True)
-    if args.compute_iters is not None:
-        compute_iters, per = args.compute_iters, float("nan")
-    else:
-        compute_iters, per = calibrate_compute_iters(args.compute_ms)
+    out, ckpt_root, info, compute_iters, per = prepare_run(args, "stall")
     print(
         f"\nMode {args.mode}: sizes {', '.join(f'{s:g}' for s in sizes)} MiB; savers {', '.join(savers)}; "
         f"{rounds} interleaved round(s); K={every} ({steps} steps/run)"
@@ -160,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(ckpt_root, ignore_errors=True)
     if not args.ckpt_dir:
         with contextlib.suppress(OSError):
-            os.rmdir(ckpt_parent)
+            os.rmdir(os.path.dirname(ckpt_root))
 
     agg = aggregate(raw)
     targets = evaluate_targets(agg, every)

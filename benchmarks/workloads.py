@@ -9,10 +9,13 @@ checked bit for bit against the state it should hold.
 
 from __future__ import annotations
 
+import argparse
+import os
+import tempfile
 import time
 from typing import Any
 
-from benchmarks.common import MiB, median
+from benchmarks.common import MiB, describe_machine, machine_info, median
 
 
 class Workload:
@@ -178,3 +181,25 @@ def index_loader(steps: int) -> Any:
     import torch
 
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(steps)), batch_size=1)
+
+
+def prepare_run(args: argparse.Namespace, prefix: str) -> tuple[str, str, dict[str, Any], int, float]:
+    """Set up a benchmark run from its options (``out``, ``ckpt_dir``, ``compute_iters``, ``compute_ms``): make the
+    results directory and a checkpoint directory of this run alone (removed at the end by the caller), print the
+    machine, and calibrate the fixed compute per step.
+
+    Returns:
+        (results directory, checkpoint directory, machine info, matmuls per step, seconds per matmul or NaN).
+    """
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    ckpt_parent = os.path.abspath(args.ckpt_dir or os.path.join(out, "ckpt-tmp"))
+    os.makedirs(ckpt_parent, exist_ok=True)
+    ckpt_root = tempfile.mkdtemp(prefix=f"{prefix}-", dir=ckpt_parent)
+    info = machine_info(ckpt_root)
+    print("## Machine\n")
+    print(describe_machine(info), flush=True)
+    if args.compute_iters is not None:
+        return out, ckpt_root, info, args.compute_iters, float("nan")
+    compute_iters, per = calibrate_compute_iters(args.compute_ms)
+    return out, ckpt_root, info, compute_iters, per

@@ -294,6 +294,28 @@ def _worker(argv: list[str]) -> None:
     print(json.dumps({"unexpected": "step 2 published"}), flush=True)
 
 
+def _exit_worker(argv: list[str]) -> None:
+    """Save step 1 and leave the interpreter without close() or wait(): the exit hooks must publish it."""
+    import torch
+
+    from async_ckpt.core.checkpointer import Checkpointer
+    from async_ckpt.core.uploader import UploadOptions
+
+    endpoint, url, local_dir = argv
+    ckpt = Checkpointer(
+        url,
+        storage_options=storage_options(endpoint),
+        local_dir=local_dir,
+        fsync=False,
+        upload=UploadOptions(part_size=5 << 20, concurrency=2, deadline_s=60),
+    )
+    torch.manual_seed(0)
+    ckpt.save(1, {"w": torch.randn(3 << 20)})  # 12 MiB: a multipart upload
+    print("saved 1", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         _worker(sys.argv[2:])
+    elif sys.argv[1:2] == ["exit-worker"]:
+        _exit_worker(sys.argv[2:])

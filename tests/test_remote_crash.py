@@ -94,3 +94,22 @@ def test_sigkill_during_an_upload_keeps_the_previous_checkpoint_and_a_restart_cl
     state = torch.load(tmp_path / "local" / "step_00000002.pt", weights_only=True)
     torch.manual_seed(0)
     assert torch.equal(state["w"], torch.randn(3 << 20) + 1)
+
+
+def test_an_interpreter_exit_without_close_publishes_what_was_saved(s3: S3, tmp_path: Path) -> None:
+    """A script that saves to a URL and ends without close() or wait(): the exit hooks make the file durable and
+    publish it before the process ends (it used to stay local until a later run on the same machine)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(WORKER)), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, WORKER, "exit-worker", s3.server.endpoint, URL, str(tmp_path / "local")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["saved 1"], done.stderr
+    store = RemoteStore(URL, s3.options)
+    assert list(store.manifests()) == ["step_00000001.pt"], done.stderr
+    local = (tmp_path / "local" / "step_00000001.pt").read_bytes()
+    assert s3.fs().cat_file(f"{BUCKET}/run1/step_00000001.pt") == local

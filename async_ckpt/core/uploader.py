@@ -20,11 +20,13 @@ writer and lists what is published (network calls, no thread); :meth:`RemoteTier
 
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,6 +35,7 @@ from async_ckpt.errors import CheckpointWriteError
 from async_ckpt.pipeline.integrity import read_manifest
 from async_ckpt.pipeline.remote import RemoteStore, RetryPolicy, default_local_dir, file_crc32, is_url
 from async_ckpt.pipeline.storage import FileStorage, check_local_dir, is_temp_name
+from async_ckpt.pipeline.writer import flush_all
 
 __all__ = [
     "UPLOAD_THREAD_NAME",
@@ -243,6 +246,7 @@ class RemoteTier:
             )
         self._published = self.store.manifests()
         self._thread = threading.Thread(target=self._run, name=UPLOAD_THREAD_NAME, daemon=True)
+        _live.add(self)
 
     def start(self) -> None:
         """Start the uploader thread (once the owner is fully constructed; jobs submitted before wait for it)."""
@@ -555,3 +559,26 @@ def wait_durable(pipeline_wait: Callable[[float | None], bool], tier: RemoteTier
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
         if not tier.wait(left):
             raise TimeoutError(f"async_ckpt: uploads to {tier.url} still pending after {timeout}s.")
+
+
+_live: weakref.WeakSet[RemoteTier] = weakref.WeakSet()
+
+
+@atexit.register
+def _upload_at_exit() -> None:
+    """At interpreter exit, publish what an owner that was never closed left queued, within the upload deadline.
+
+    The local writes go first (this hook is registered after the writer's own, so it runs before it: it drains the
+    writer itself, whose durable callbacks queue the last uploads); then each open tier uploads what is queued, for
+    at most its ``deadline_s``. What is left is logged at ERROR: the local copies are durable, and the next start
+    on the same ``local_dir`` uploads them.
+    """
+    tiers = [t for t in list(_live) if t._thread.ident is not None and not t._closing]
+    if not tiers:
+        return
+    flush_all(max(t.options.deadline_s for t in tiers))
+    for tier in tiers:
+        if not tier.close(tier.options.deadline_s):
+            logger.error("async_ckpt: interpreter exit before every upload to %s was published", tier.url)
+        for error in tier.take_errors():
+            logger.error("async_ckpt: at interpreter exit, an upload to %s failed: %s", tier.url, error)

@@ -266,6 +266,17 @@ def s3_fixture(s3_module: tuple[MotoServer, FaultProxy]) -> Iterator[S3]:
     server.reset()
 
 
+def aws_env(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the AWS environment variables (AWS_ENDPOINT_URL included) at the loopback server."""
+    for var, value in (
+        ("AWS_ENDPOINT_URL", s3.server.endpoint),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
+        monkeypatch.setenv(var, value)
+
+
 def _worker(argv: list[str]) -> None:
     """Save step 1 and wait until it is published (print ``published 1``), then save step 2 and wait: the parent
     holds an upload request of step 2 at its proxy and kills this process then."""

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from _s3server import BUCKET, S3, Fault, s3_fixture, s3_module_fixture  # noqa: F401 - fixtures
+from _s3server import BUCKET, S3, Fault, aws_env, s3_fixture, s3_module_fixture  # noqa: F401 - fixtures
 from conftest import checkpoint_names, trees_equal
 
 from async_ckpt.core.checkpointer import Checkpointer
@@ -270,17 +270,6 @@ def test_importing_async_ckpt_does_not_import_s3fs() -> None:
     assert out.split() == ["False", "False"]
 
 
-def _env(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point the AWS environment variables (AWS_ENDPOINT_URL included) at the loopback server."""
-    for var, value in (
-        ("AWS_ENDPOINT_URL", s3.server.endpoint),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        monkeypatch.setenv(var, value)
-
-
 def test_cli_lists_verifies_and_finds_the_latest_on_a_url(
     s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -292,7 +281,7 @@ def test_cli_lists_verifies_and_finds_the_latest_on_a_url(
         for step in range(2):
             ckpt.save(step, state_at(step))
     s3.fs().pipe_file(f"{BUCKET}/run1/step_00000009.pt", b"cut off")  # an upload that never got its manifest
-    _env(s3, monkeypatch)
+    aws_env(s3, monkeypatch)
     capsys.readouterr()
     assert main(["ls", URL, "--json"]) == 0
     out, err = capsys.readouterr()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _s3server import BUCKET, S3, Fault, s3_fixture, s3_module_fixture  # noqa: F401 - fixtures
+from _s3server import BUCKET, S3, Fault, aws_env, s3_fixture, s3_module_fixture  # noqa: F401 - fixtures
 
 from async_ckpt.cli import main as cli
 from async_ckpt.core.checkpointer import Checkpointer
@@ -72,13 +72,7 @@ def test_sigkill_during_an_upload_keeps_the_previous_checkpoint_and_a_restart_cl
     else:
         assert fs.exists(f"{BUCKET}/run1/step_00000002.pt")  # uploaded, never published
     # The CLI, configured the AWS way (environment variables, AWS_ENDPOINT_URL included), sees step 1 as latest.
-    for var, value in (
-        ("AWS_ENDPOINT_URL", s3.server.endpoint),
-        ("AWS_ACCESS_KEY_ID", "testing"),
-        ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ("AWS_DEFAULT_REGION", "us-east-1"),
-    ):
-        monkeypatch.setenv(var, value)
+    aws_env(s3, monkeypatch)
     assert cli(["latest", URL]) == 0
     assert capsys.readouterr().out.strip() == f"{URL}/step_00000001.pt"
 

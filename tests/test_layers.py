@@ -122,3 +122,14 @@ def test_the_saver_is_still_a_top_level_name() -> None:
     from async_ckpt.ignite.saver import AsyncCheckpointSaver as defined
 
     assert AsyncCheckpointSaver is defined
+
+
+def test_no_class_is_over_500_lines() -> None:
+    """Each class stays small enough to read in one sitting (docstrings included)."""
+    big = [
+        f"{module_name(path)}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for path in modules()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.ClassDef) and node.end_lineno is not None and node.end_lineno - node.lineno + 1 > 500
+    ]
+    assert not big, "\n".join(big)

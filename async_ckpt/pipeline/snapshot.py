@@ -743,7 +743,7 @@ class Stager:
             SnapshotError: the buffers could not be allocated.
         """
         cached = self._cached_plan(tensors)
-        signature = self._signature(tensors, step, cached) if reuse and step is not None else None
+        signature = _signature(tensors, step, cached) if reuse and step is not None else None
         last = self._last
         if signature is not None and last is not None and last.signature == signature:
             if last.retain():
@@ -757,7 +757,7 @@ class Stager:
 
         plan = self._plan_for(tensors, cached)
         if signature is not None and cached is None and plan.reusable:  # what the next save's lookup will compute
-            signature = self._signature(tensors, step, plan)
+            signature = _signature(tensors, step, plan)
         late = plan.late_storages(defer)
         pin = plan.on_cuda and torch.cuda.is_available()
         bufset, waited = self._take(plan.layout, pin, block)
@@ -789,41 +789,14 @@ class Stager:
         self._last = staged
         return staged
 
-    @staticmethod
-    def _signature(tensors: Sequence[torch.Tensor], step: Any, plan: _Plan | None) -> tuple[Any, ...] | None:
-        """What must be equal for a snapshot to be reused: the step, the layout (the reusable plan the tensors
-        match, else their :func:`_keys`) and every tensor's version counter. ``None``: never reuse."""
-        layout: Any = plan.serial if plan is not None and plan.reusable else _keys(tensors)
-        if layout is None:
-            return None
-        try:
-            return (step, layout, list(map(_version, tensors)))
-        except RuntimeError:  # inference tensors have no version counter
-            return None
-
     def _cached_views(self, bufset: _BufferSet, tensors: Sequence[torch.Tensor], plan: _Plan) -> list[torch.Tensor]:
         """The views of ``bufset`` for ``tensors``: the previous ones if they were made for the same plan."""
         if not plan.reusable:  # whole-tensor clones are fresh every time
-            return list(self._views(tensors, plan, bufset.list))
+            return list(_views(tensors, plan, bufset.list))
         if bufset.views_key != plan.serial:
-            bufset.views = list(self._views(tensors, plan, bufset.list))
+            bufset.views = list(_views(tensors, plan, bufset.list))
             bufset.views_key = plan.serial
         return list(bufset.views)  # a new list: list identity marks "the same snapshot" (see SavePipeline)
-
-    @staticmethod
-    def _views(tensors: Sequence[torch.Tensor], plan: _Plan, buffers: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        for t, o in zip(tensors, plan.owner, strict=True):
-            if o < 0:
-                yield t.detach().to("cpu", copy=True)
-                continue
-            v = torch.empty(0, dtype=t.dtype).set_(
-                buffers[o].untyped_storage(), t.storage_offset(), t.size(), t.stride()
-            )
-            if isinstance(t, torch.nn.Parameter):
-                v = torch.nn.Parameter(v, requires_grad=t.requires_grad)
-            elif t.requires_grad:
-                v.requires_grad_(True)
-            yield v
 
     def _copy(
         self, plan: _Plan, bufset: _BufferSet, late: list[bool] | None
@@ -832,56 +805,9 @@ class Stager:
         if plan.cuda_idx or plan.other_idx or (late is not None and any(late)) or bufset.arena is None:
             return self._copy_each(plan, bufset, late)
         arena = bufset.arena
-        for pieces, span in self._cat_groups(plan, bufset):
+        for pieces, span in _cat_groups(plan, bufset):
             torch.cat(pieces, out=arena[span])
         return None, None
-
-    @staticmethod
-    def _cat_groups(plan: _Plan, bufset: _BufferSet) -> list[tuple[list[torch.Tensor], slice]]:
-        """The ``torch.cat`` calls that copy every source storage into the arena (the same for every set).
-
-        Each call gets a run of source storages and the zero padding between them, in arena order, and the arena
-        span they fill. Large storages (the arena's page-aligned head) go in one parallel ``cat``: measured
-        1.04-1.06x a single ``copy_`` of the same bytes on two cores, against 1.2-1.5x for one copy per storage
-        and for memmoves split over threads. Small storages (the tail) go in runs of under
-        :data:`_SERIAL_CAT_BYTES`, which torch copies serially at ~0.1 us per storage instead of ~1 us: at 2,739
-        tensors (1,716 under 4 KiB) the copy went from 3.2 ms to 1.1 ms.
-        """
-        if plan.cat_groups is None:
-            groups: list[tuple[list[torch.Tensor], slice]] = []
-            pieces: list[torch.Tensor] = []
-            start = at = 0
-            serial = False
-
-            def flush() -> None:
-                nonlocal pieces, start
-                if pieces:
-                    groups.append((pieces, slice(start, at)))
-                pieces, start = [], at
-
-            def add(piece: torch.Tensor, n: int) -> None:
-                nonlocal at
-                if serial and at + n - start >= _SERIAL_CAT_BYTES:
-                    flush()
-                pieces.append(piece)
-                at += n
-
-            for i in sorted(range(len(plan.sources)), key=bufset.offsets.__getitem__):
-                n = plan.layout[i][0]
-                if not n:
-                    continue
-                if (n < STAGING_ALIGN) != serial:  # from the large head to the small tail
-                    flush()
-                    serial = n < STAGING_ALIGN
-                gap = bufset.offsets[i] - at
-                if gap:
-                    add(_ZEROS[:gap], gap)
-                add(plan.sources[i], n)
-            if bufset.footprint > at:
-                add(_ZEROS[: bufset.footprint - at], bufset.footprint - at)
-            flush()
-            plan.cat_groups = groups
-        return plan.cat_groups
 
     def _copy_each(
         self, plan: _Plan, bufset: _BufferSet, late: list[bool] | None
@@ -978,6 +904,78 @@ class Stager:
                 torch.cuda.current_stream(device).wait_event(box[0])
 
         return ready, guard
+
+
+def _cat_groups(plan: _Plan, bufset: _BufferSet) -> list[tuple[list[torch.Tensor], slice]]:
+    """The ``torch.cat`` calls that copy every source storage into the arena (the same for every set).
+
+    Each call gets a run of source storages and the zero padding between them, in arena order, and the arena
+    span they fill. Large storages (the arena's page-aligned head) go in one parallel ``cat``: measured
+    1.04-1.06x a single ``copy_`` of the same bytes on two cores, against 1.2-1.5x for one copy per storage
+    and for memmoves split over threads. Small storages (the tail) go in runs of under
+    :data:`_SERIAL_CAT_BYTES`, which torch copies serially at ~0.1 us per storage instead of ~1 us: at 2,739
+    tensors (1,716 under 4 KiB) the copy went from 3.2 ms to 1.1 ms.
+    """
+    if plan.cat_groups is None:
+        groups: list[tuple[list[torch.Tensor], slice]] = []
+        pieces: list[torch.Tensor] = []
+        start = at = 0
+        serial = False
+
+        def flush() -> None:
+            nonlocal pieces, start
+            if pieces:
+                groups.append((pieces, slice(start, at)))
+            pieces, start = [], at
+
+        def add(piece: torch.Tensor, n: int) -> None:
+            nonlocal at
+            if serial and at + n - start >= _SERIAL_CAT_BYTES:
+                flush()
+            pieces.append(piece)
+            at += n
+
+        for i in sorted(range(len(plan.sources)), key=bufset.offsets.__getitem__):
+            n = plan.layout[i][0]
+            if not n:
+                continue
+            if (n < STAGING_ALIGN) != serial:  # from the large head to the small tail
+                flush()
+                serial = n < STAGING_ALIGN
+            gap = bufset.offsets[i] - at
+            if gap:
+                add(_ZEROS[:gap], gap)
+            add(plan.sources[i], n)
+        if bufset.footprint > at:
+            add(_ZEROS[: bufset.footprint - at], bufset.footprint - at)
+        flush()
+        plan.cat_groups = groups
+    return plan.cat_groups
+
+
+def _views(tensors: Sequence[torch.Tensor], plan: _Plan, buffers: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for t, o in zip(tensors, plan.owner, strict=True):
+        if o < 0:
+            yield t.detach().to("cpu", copy=True)
+            continue
+        v = torch.empty(0, dtype=t.dtype).set_(buffers[o].untyped_storage(), t.storage_offset(), t.size(), t.stride())
+        if isinstance(t, torch.nn.Parameter):
+            v = torch.nn.Parameter(v, requires_grad=t.requires_grad)
+        elif t.requires_grad:
+            v.requires_grad_(True)
+        yield v
+
+
+def _signature(tensors: Sequence[torch.Tensor], step: Any, plan: _Plan | None) -> tuple[Any, ...] | None:
+    """What must be equal for a snapshot to be reused: the step, the layout (the reusable plan the tensors
+    match, else their :func:`_keys`) and every tensor's version counter. ``None``: never reuse."""
+    layout: Any = plan.serial if plan is not None and plan.reusable else _keys(tensors)
+    if layout is None:
+        return None
+    try:
+        return (step, layout, list(map(_version, tensors)))
+    except RuntimeError:  # inference tensors have no version counter
+        return None
 
 
 def _clone_nbytes(t: torch.Tensor) -> int:

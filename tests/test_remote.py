@@ -371,3 +371,33 @@ def test_errors_are_classified_for_retry() -> None:
     assert classify(ConnectionResetError()) == "transient"
     assert classify(client_error("AccessDenied", 403)) == "permanent"
     assert classify(ValueError("bad")) == "permanent"
+
+
+def test_close_with_a_timeout_does_not_hang_on_a_stalled_request(
+    s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request the store never answers: close(timeout) gives up and returns after a bounded wait for the request
+    in flight (it used to join the uploader thread without limit), logging that the thread was left behind."""
+    import async_ckpt.core.uploader as uploader
+
+    monkeypatch.setattr(uploader, "_ABANDON_JOIN_S", 0.05)
+    hold = s3.proxy.add(Fault("hold", lambda r: r.method == "PUT" and "step_00000000.pt" in r.path, times=1))
+    ckpt = remote(s3, tmp_path, storage_options=s3.proxied)
+    tier = ckpt.remote
+    assert tier is not None
+    ckpt.save(0, state_at(0))
+    ckpt._pipeline.wait(30)  # the local file is durable, its upload queued
+    assert hold.seen.wait(30)
+    closed: list[bool] = []
+    closer = threading.Thread(target=lambda: closed.append(tier.close(timeout=0.05)), name="test-closer")
+    try:
+        closer.start()
+        closer.join(60)  # a liveness bound, not a timing assertion: without the fix it never ends
+        assert not closer.is_alive(), "close(timeout) hung on the request in flight"
+        assert closed == [False]
+        assert "left behind" in caplog.text
+    finally:
+        hold.release.set()
+        s3.proxy.clear()
+        closer.join(60)
+        ckpt.close()  # joins the uploader once the released request has ended

@@ -9,14 +9,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
-from _s3server import BUCKET, S3, s3_fixture, s3_module_fixture  # noqa: F401 - fixtures
+from _s3server import BUCKET, S3, Fault, s3_fixture, s3_module_fixture  # noqa: F401 - fixtures
 from conftest import Training, checkpoint_names, make_training, trees_equal
 from ignite.engine import Events
 from ignite.handlers import Checkpoint
 
-from async_ckpt import AsyncCheckpointSaver
-from async_ckpt.core.uploader import UploadOptions
+from async_ckpt import AsyncCheckpointSaver, CheckpointWriteError
+from async_ckpt.core.uploader import UploadOptions, wait_durable
 from async_ckpt.pipeline.remote import RemoteStore
 
 URL = f"s3://{BUCKET}/run1"
@@ -97,3 +98,35 @@ def test_a_run_resumed_on_an_empty_directory_continues_the_buckets_retention(s3:
     kept = published(s3)
     assert "checkpoint_epoch=1.pt" not in kept and "checkpoint_epoch=2.pt" not in kept
     assert {"checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"} <= set(kept)
+
+
+def test_an_upload_failure_is_raised_at_the_next_checkpoint_event(s3: S3, tmp_path: Path) -> None:
+    """An upload that keeps failing past its deadline is raised on the training thread at the next checkpoint event
+    (as a write failure is), with its cause, and the local file stays; the saver is not left with it unreported."""
+    t = make_training()
+    options = UploadOptions(part_size=5 << 20, deadline_s=0.5, backoff_s=0.01, backoff_max_s=0.05)
+    saver = AsyncCheckpointSaver(
+        URL,
+        t.save_dict,
+        storage_options=s3.proxied,
+        local_dir=str(tmp_path / "staging"),
+        upload=options,
+        save_interval=1,
+        fsync=False,
+    )
+    saver.attach(t.engine)
+    assert saver.remote is not None
+    tier = saver.remote
+    # Each epoch's file is durable and its upload over (failed) before the next epoch's checkpoint event.
+    t.engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: wait_durable(saver._pipeline.wait, tier, 30))
+    epoch1 = ("checkpoint_epoch=1.pt", "checkpoint_epoch%3D1.pt")  # the key, as sent or percent-encoded
+    s3.proxy.add(Fault("unavailable", lambda r: r.method == "PUT" and any(k in r.path for k in epoch1)))
+    try:
+        with pytest.raises(CheckpointWriteError, match="could not upload") as info:
+            t.engine.run(t.data, max_epochs=3)
+        assert "unable to handle request" in str(info.value.__cause__)
+        assert t.engine.state.epoch == 2  # raised at epoch 2's event, not at the end of the run
+        assert (tmp_path / "staging" / "checkpoint_epoch=1.pt").is_file()
+    finally:
+        s3.proxy.clear()
+        saver.close()

@@ -53,6 +53,10 @@ UPLOAD_THREAD_NAME = "async_ckpt-upload"
 _MIN_PART = 5 << 20  # S3's smallest part (all but the last)
 
 
+_ABANDON_JOIN_S = 10.0
+"""How long ``RemoteTier.close`` waits for the request in flight once its timeout has passed."""
+
+
 @dataclass(frozen=True)
 class UploadOptions:
     """How the remote tier uploads.
@@ -351,7 +355,16 @@ class RemoteTier:
             for job in left:
                 self._fail(job, TimeoutError(f"still waiting for upload after {timeout}s at close"))
         if self._thread.ident is not None:
-            self._thread.join()
+            # After a timeout the request in flight (one part, or a whole small file) cannot be interrupted: wait
+            # for it a bounded while, so that close(timeout) and the exit hook never hang on a stalled connection.
+            self._thread.join(None if finished else _ABANDON_JOIN_S)
+            if self._thread.is_alive():
+                logger.error(
+                    "async_ckpt: the uploader of %s is still in a request %ss after close gave up; left behind "
+                    "(a daemon thread; the next start cleans up its partial upload)",
+                    self.url,
+                    _ABANDON_JOIN_S,
+                )
         return finished
 
     def take_errors(self) -> list[CheckpointWriteError]:

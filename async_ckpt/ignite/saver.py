@@ -431,16 +431,12 @@ class AsyncCheckpointSaver:
                 hanging in their next collective. Every rank must call it at the same point, as ``wait(barrier=True)``
                 does; the checkpoint events agree on their own.
         """
-        failures = self._take_failures()
-        uploads = self.remote.take_errors() if self.remote is not None else []
+        failures, uploads = self._take_failures()
         failed = bool(failures or uploads)
         if sync:
             (failed,) = self._agreement.any(failed)
-        if failed and not failures and uploads:
-            uploads[0].more = len(uploads) - 1
-            raise uploads[0]
         if failed:
-            _raise_failures(failures)
+            _raise_failures(failures, uploads)
 
     # -- internals -------------------------------------------------------------------------------------------------
     def _save(self, checkpoint: Checkpoint, engine: Engine) -> None:
@@ -460,11 +456,11 @@ class AsyncCheckpointSaver:
         saving rank staged, whether any rank raised while saving (all raise: that rank its own exception, the
         others :class:`SnapshotError`).
         """
-        failures = self._take_failures()
+        failures, uploads = self._take_failures()
         skip = may_skip and self.options.overflow == "skip" and not self._pipeline.has_free_slot()
-        failed, skip = self._agreement.any(bool(failures), skip)
+        failed, skip = self._agreement.any(bool(failures or uploads), skip)
         if failed:
-            _raise_failures(failures)
+            _raise_failures(failures, uploads)
         if skip:
             self._pipeline.telemetry.skipped += 1
             _warn_skipped(engine, self.epoch_level, self.options.max_pending)
@@ -487,12 +483,13 @@ class AsyncCheckpointSaver:
             )
         return True
 
-    def _take_failures(self) -> list[Failure]:
-        """The background failures not reported yet, with their ``Checkpoint`` bookkeeping rolled back."""
+    def _take_failures(self) -> tuple[list[Failure], list[CheckpointWriteError]]:
+        """The background failures not reported yet: the writes' (with their ``Checkpoint`` bookkeeping rolled
+        back) and, with a URL ``save_dir``, the uploads' (the local files stay, so nothing is rolled back)."""
         failures = self._pipeline.take_failures()
         for failure in failures:
             roll_back(self._handlers, failure)
-        return failures
+        return failures, self.remote.take_errors() if self.remote is not None else []
 
     def _save_on_preemption(self, engine: Engine) -> None:
         assert self._final_checkpoint is not None
@@ -509,10 +506,14 @@ class AsyncCheckpointSaver:
         self._runs[engine] = self._runs.get(engine, 0) + 1
 
 
-def _raise_failures(failures: list[Failure]) -> None:
-    """Raise this rank's first failure or, on a rank without any, that the saving rank had one."""
+def _raise_failures(failures: list[Failure], uploads: list[CheckpointWriteError]) -> None:
+    """Raise this rank's first write failure (counting the rest and the upload failures in ``more``), else its
+    first upload failure, or, on a rank without any, that the saving rank had one."""
     if failures:
-        raise failure_to_error(failures[0], more=len(failures) - 1)
+        raise failure_to_error(failures[0], more=len(failures) - 1 + len(uploads))
+    if uploads:
+        uploads[0].more = len(uploads) - 1
+        raise uploads[0]
     raise CheckpointWriteError(
         f"async_ckpt: the saving rank could not write a checkpoint (rank {idist.get_rank()} stops with it); see "
         "the saving rank's CheckpointWriteError for the cause.",

@@ -132,7 +132,8 @@ def test_parameters_and_metadata_are_kept() -> None:
 
 def test_flatten_copies_metadata_deeply_and_keeps_its_sharing() -> None:
     """A state_dict's ``_metadata`` (and a dict subclass's attributes) are copied at the call: later edits of the
-    original do not reach the skeleton; an object reached twice is one object in the copy, as in the original."""
+    original do not reach the skeleton; an object reached twice is one object in the copy, as in the original and
+    as torch.save of the original loads it."""
     shared = {"version": 1}
     sd: OrderedDict[str, object] = OrderedDict(w=torch.ones(2), step=3)
     sd._metadata = OrderedDict([("", shared), ("a", shared), ("b", {"version": 2})])  # type: ignore[attr-defined]
@@ -145,7 +146,9 @@ def test_flatten_copies_metadata_deeply_and_keeps_its_sharing() -> None:
         assert type(meta) is OrderedDict and list(meta) == ["", "a", "b"]
         assert meta[""] == {"version": 1} and meta["b"] == {"version": 2} and meta[""] is meta["a"]
         assert list(rebuilt[key].items())[1] == ("step", 3) and rebuilt[key]["w"] is sd["w"]
-    assert rebuilt["sd"] is not rebuilt["again"] and len(flat.tensors) == 2
+    assert rebuilt["sd"] is rebuilt["again"] and len(flat.tensors) == 1
+    loaded = _roundtrip({"sd": sd, "again": sd})
+    assert loaded["sd"] is loaded["again"]  # type: ignore[index]
 
 
 def test_unflatten_needs_one_tensor_per_slot_and_fingerprints_compare_skeletons() -> None:
@@ -166,6 +169,42 @@ def test_unflatten_needs_one_tensor_per_slot_and_fingerprints_compare_skeletons(
     assert flatten({"a": torch.zeros(2), "b": [5, torch.ones(1)], "c": (torch.zeros(1),)}).fingerprint() != (
         flat.fingerprint()
     )
+
+
+class _Holder:
+    """A user object that holds a tensor in its attributes (pickled by its own ``__reduce_ex__``)."""
+
+    def __init__(self, t: torch.Tensor, note: str) -> None:
+        self.t, self.note = t, note
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def test_flatten_finds_tensors_anywhere_and_copies_everything_else() -> None:
+    """Tensors inside user objects and tensor subclasses become slots (staged, not pickled by value); values that
+    pickle through copyreg (complex, compiled patterns) are copied; the rebuilt tree equals the original."""
+    import re
+
+    inner = torch.arange(4.0)
+    sub = torch.ones(2).as_subclass(_Sub)
+    tree = {"obj": _Holder(inner, "x"), "sub": sub, "c": 1 + 2j, "pat": re.compile("a+"), "dtype": torch.float16}
+    flat = flatten(tree)
+    assert [id(t) for t in flat.tensors] == [id(inner), id(sub)]
+    rebuilt = unflatten(flat.skeleton, [t.clone() for t in flat.tensors])
+    assert isinstance(rebuilt["obj"], _Holder) and rebuilt["obj"].note == "x" and torch.equal(rebuilt["obj"].t, inner)
+    assert rebuilt["obj"].t is not inner and type(rebuilt["sub"]) is _Sub
+    assert rebuilt["c"] == 1 + 2j and rebuilt["pat"].pattern == "a+" and rebuilt["dtype"] is torch.float16
+
+
+def test_flatten_refuses_what_torch_save_cannot_write() -> None:
+    """A value that cannot be pickled fails flatten at the call, as torch.save of the state would fail."""
+    with pytest.raises(Exception, match="lambda"):
+        flatten({"w": torch.ones(1), "fn": lambda: 0})
+    buf = io.BytesIO()
+    with pytest.raises(Exception, match="lambda"):
+        torch.save({"w": torch.ones(1), "fn": lambda: 0}, buf)
 
 
 def test_buffers_are_reused_and_memory_is_bounded() -> None:

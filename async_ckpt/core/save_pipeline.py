@@ -151,15 +151,16 @@ class SavePipeline:
             flat = flatten(checkpoint)
         except Exception as exc:
             raise SnapshotError(
-                f"cannot snapshot the state for {path!r}: a non-tensor value could not be copied ({exc!r}). "
-                "Make every state_dict() return tensors and plain, copyable Python values."
+                f"cannot snapshot the state for {path!r}: a non-tensor value could not be pickled ({exc!r}), so "
+                "torch.save could not write it either. Make every state_dict() return tensors and plain, picklable "
+                "Python values."
             ) from exc
         defer = self._deferrable(flat.tensors)
         previous = self.stager._last
         staged = self.stager.stage(flat.tensors, block=True, reuse=self.options.dedup, defer=defer, step=step)
         assert staged is not None  # block=True always returns a snapshot
         reused = previous is not None and staged.views is previous.views
-        fingerprint = flat.fingerprint() if self.options.dedup else None
+        fingerprint = flat.fingerprint() if self.options.dedup else None  # the skeleton's bytes: free
         link_from = None
         last = self._last
         if (
@@ -170,11 +171,11 @@ class SavePipeline:
             and last.job.path != path
         ):
             link_from = last.job
-        tree = unflatten(flat.skeleton, staged.views)
         blocking = time.perf_counter() - t0
+        skeleton, views = flat.skeleton, staged.views
 
         def produce(f: Any) -> None:
-            serialize(tree, f)
+            serialize(unflatten(skeleton, views), f)  # on the writer thread: the skeleton is a private copy
 
         def record(result: JobResult) -> None:
             # Before the evictions: the manifest never names a file that is already gone.
@@ -244,8 +245,16 @@ class SavePipeline:
 
     def prewarm(self) -> None:
         """Start allocating and touching the staging buffers for the current layout of the state on a background
-        thread, so that no save pays for them (see ``Stager.prewarm_async``); returns at once."""
-        self.stager.prewarm_async(flatten(state_of(self.save_dict)).tensors)
+        thread, so that no save pays for them (see ``Stager.prewarm_async``); returns at once.
+
+        Best effort: a state that cannot be flattened (a value that cannot be pickled) is not prewarmed; its save
+        raises :class:`SnapshotError` at the event with the cause."""
+        try:
+            tensors = flatten(state_of(self.save_dict)).tensors
+        except Exception as exc:
+            logging.getLogger("async_ckpt").debug("no prewarm: the state cannot be flattened (%r)", exc)
+            return
+        self.stager.prewarm_async(tensors)
 
     def has_free_slot(self) -> bool:
         """Whether a save could be staged now without waiting for the writer."""

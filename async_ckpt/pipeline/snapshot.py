@@ -26,15 +26,12 @@ stager (joined by :meth:`Stager.close`).
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import logging
 import operator
-import pickle
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,173 +53,13 @@ from async_ckpt.pipeline._staging_copy import (
     memmove_all,
 )
 from async_ckpt.pipeline._staging_copy import parallel_memmove as _parallel_memmove
+from async_ckpt.pipeline._tree import Flat, flatten, unflatten
 
 __all__ = ["STAGING_ALIGN", "Flat", "Staged", "Stager", "flatten", "unflatten"]
 
 logger = logging.getLogger("async_ckpt")
 
 PREWARM_THREAD_NAME = "async_ckpt-prewarm"
-
-
-class _Slot:
-    """The marker that stands for a tensor in a flattened tree (one instance, :data:`_SLOT`).
-
-    Slots carry no index: :func:`unflatten` walks the skeleton in the order :func:`flatten` walked the tree, so
-    the ``i``-th slot it meets is the ``i``-th tensor. One shared marker costs nothing to create, and pickles (for
-    :meth:`Flat.fingerprint`) as a memo reference after its first occurrence.
-    """
-
-    __slots__ = ()
-
-    def __reduce__(self) -> str:
-        return "_SLOT"
-
-    def __repr__(self) -> str:
-        return "<tensor>"
-
-
-_SLOT = _Slot()
-
-
-@dataclass
-class Flat:
-    """A nested state split into a tensor-free skeleton and its tensors.
-
-    Attributes:
-        skeleton: the tree with every tensor replaced by :data:`_SLOT`; non-tensor leaves are deep copies.
-        tensors: the source tensors, in the order their slots are walked.
-    """
-
-    skeleton: Any
-    tensors: list[torch.Tensor]
-
-    def fingerprint(self) -> bytes | None:
-        """Bytes that are equal for equal skeletons, or ``None`` when the skeleton cannot be pickled."""
-        try:
-            return pickle.dumps(self.skeleton, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            return None
-
-
-_ATOMIC = frozenset({int, float, bool, str, bytes, type(None), complex})
-_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
-
-
-def _copy_data(node: Any, memo: dict[int, Any]) -> Any:
-    r"""``copy.deepcopy(node, memo)``, with dicts (and plain ``OrderedDict``\ s) of plain values copied without
-    its per-object dispatch.
-
-    A module ``state_dict``'s ``_metadata`` (an ``OrderedDict`` of one small dict per module) is the usual case.
-    The memo is ``deepcopy``'s, so an object reached twice is still copied once.
-    """
-    kind = type(node)
-    if kind in _ATOMIC:
-        return node
-    if kind is dict or (kind is OrderedDict and not node.__dict__):
-        got = memo.get(id(node))
-        if got is not None:
-            return got
-        out: dict[Any, Any] = kind()
-        memo[id(node)] = out
-        for key, value in node.items():
-            out[key if type(key) in _ATOMIC else copy.deepcopy(key, memo)] = _copy_data(value, memo)
-        return out
-    return copy.deepcopy(node, memo)
-
-
-def flatten(tree: Any) -> Flat:
-    """Split ``tree`` into a skeleton and its tensors; non-tensor leaves are deep-copied.
-
-    Containers keep their type (``OrderedDict`` stays ``OrderedDict``) and their attributes (a module
-    ``state_dict``'s ``_metadata``), so the rebuilt tree pickles to what ``torch.save`` would have written.
-
-    Raises:
-        Exception: whatever ``copy.deepcopy`` raises for a leaf that cannot be copied.
-    """
-    tensors: list[torch.Tensor] = []
-    add = tensors.append
-    memo: dict[int, Any] = {}
-
-    def walk(node: Any) -> Any:
-        kind = type(node)
-        if kind in _TENSOR_TYPES:
-            add(node)
-            return _SLOT
-        if kind in _ATOMIC:  # immutable: nothing to copy (most of an optimizer's param_groups)
-            return node
-        if kind is dict:
-            return {key: walk(value) for key, value in node.items()}
-        if kind is list:
-            return [walk(v) for v in node]
-        if isinstance(node, torch.Tensor):
-            add(node)
-            return _SLOT
-        if kind is OrderedDict:  # a module state_dict: same result as the generic path below, without copy.copy
-            ordered = OrderedDict([(key, walk(value)) for key, value in node.items()])
-            if node.__dict__:
-                ordered.__dict__.update(_copy_data(node.__dict__, memo))
-            return ordered
-        if isinstance(node, dict):
-            out = copy.copy(node)  # keeps the dict subclass and shallow-copies its attributes
-            if hasattr(node, "__dict__"):
-                out.__dict__.update(_copy_data(node.__dict__, memo))
-            for key, value in node.items():
-                out[key] = walk(value)
-            return out
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if isinstance(node, tuple) and not hasattr(node, "_fields"):
-            return tuple([walk(v) for v in node])
-        if isinstance(node, tuple):  # namedtuple
-            return type(node)(*[walk(v) for v in node])
-        return copy.deepcopy(node, memo)
-
-    return Flat(walk(tree), tensors)
-
-
-def unflatten(skeleton: Any, tensors: Sequence[torch.Tensor]) -> Any:
-    """Rebuild a tree from ``skeleton``, putting ``tensors[i]`` where the ``i``-th slot stands (in walk order).
-
-    Raises:
-        ValueError: ``tensors`` holds more or fewer tensors than ``skeleton`` has slots.
-    """
-    it = iter(tensors)
-
-    def walk(node: Any) -> Any:
-        if node is _SLOT:
-            return next(it)
-        kind = type(node)
-        if kind in _ATOMIC:
-            return node
-        if kind is dict:
-            return {key: walk(value) for key, value in node.items()}
-        if kind is list:
-            return [walk(v) for v in node]
-        if kind is OrderedDict:  # same as copy.copy (shallow attributes) + assignments, without copy.copy
-            ordered = OrderedDict([(key, walk(value)) for key, value in node.items()])
-            if node.__dict__:
-                ordered.__dict__.update(node.__dict__)
-            return ordered
-        if isinstance(node, dict):
-            out = copy.copy(node)
-            for key, value in node.items():
-                out[key] = walk(value)
-            return out
-        if isinstance(node, list):
-            return [walk(v) for v in node]
-        if isinstance(node, tuple) and not hasattr(node, "_fields"):
-            return tuple([walk(v) for v in node])
-        if isinstance(node, tuple):
-            return type(node)(*[walk(v) for v in node])
-        return node
-
-    try:
-        tree = walk(skeleton)
-    except StopIteration:
-        raise ValueError("unflatten: fewer tensors than the skeleton has slots") from None
-    if next(it, None) is not None:
-        raise ValueError("unflatten: more tensors than the skeleton has slots")
-    return tree
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)

@@ -64,3 +64,17 @@ def test_stall_runs_in_its_worker_and_reports(tmp_path: Path, capsys: pytest.Cap
     assert (table["async-eager"]["verified_ok"], table["async-eager"]["verified_expected"]) == (2, 2)
     assert "| 2 | async-eager |" in capsys.readouterr().out
     assert not (out / "ckpt-tmp").exists()
+
+
+def test_save_path_runs_this_checkout_in_a_child_and_verifies(tmp_path: Path) -> None:
+    """The A/B of the save path imports the package of the revision it names (here this checkout), and its last
+    file holds the state at its save."""
+    from benchmarks import save_path
+
+    out = tmp_path / "out"
+    assert save_path.main(["--tensors", "19", "--saves", "2", "--pairs", "1", "--out", str(out)]) == 0
+    with open(out / "save_path.json") as f:
+        result = json.load(f)
+    (run,) = result["runs"]["this checkout"]
+    assert run["tensors"] == 19 and run["verified"] is True
+    assert run["package"].startswith(ROOT) and run["save_s"] > 0

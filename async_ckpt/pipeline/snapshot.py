@@ -3,7 +3,7 @@
 The training thread calls :meth:`Stager.stage` at the checkpoint event. Every tensor storage reachable from the
 state is copied once into a host buffer of the same byte size, and every tensor is rebuilt as a view of its buffer
 with the same dtype, offset, size and stride. Tensors that shared a storage (tied weights, views) therefore still
-share one in the copy, exactly as ``torch.save`` would write them. Non-tensor leaves are deep-copied.
+share one in the copy, exactly as ``torch.save`` would write them. Non-tensor values are copied (see ``_tree``).
 
 Buffers are grouped in *buffer sets*, one per snapshot in flight, each carved out of one page-aligned arena (see
 ``_staging_buffers``). A set is allocated once for a state layout (the byte sizes of its storages)
@@ -13,7 +13,7 @@ on a GPU the arena is pinned and the copies run ``non_blocking`` on a side strea
 (called by the writer thread, never the training thread) waits for them, and makes the deferred CPU copies of
 overlap mode that the training thread has not needed yet.
 
-The training thread's cost per tensor is kept under a microsecond beyond the copy itself: the plan (which tensor
+The training thread's work per tensor beyond the copy itself is one check of a cached plan: the plan (which tensor
 lives on which storage, byte views of the storages, the views of the buffers, the ``torch.cat`` groups that copy
 them) is cached and reused while every tensor is still set to the same storage with the same type, dtype, offset,
 shape, stride and ``requires_grad``, and every storage has the same address and size, which is every save of a

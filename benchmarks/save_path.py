@@ -12,7 +12,8 @@ does not compete with the measured call), and reports the median wall time of ``
 (and checks that the last file holds the model as it was at its save):
 everything the public API does on the training thread, from the tree walk and the plan check to the copy and the
 hand-over to the writer, but not the ``state_dict()`` calls that every checkpointer pays before it sees the state.
-Processes alternate between the revisions ``--pairs`` times, so that machine drift lands on both.
+Processes alternate between the revisions ``--pairs`` times, so that machine drift lands on both. With
+``--train-ms``, each save follows that long of matrix products on torch's threads, as a save follows a step.
 
 It prints microseconds per tensor for each revision and process, their medians, and the ratio; JSON goes to
 ``--out``.
@@ -37,8 +38,17 @@ import json, os, statistics, sys, tempfile, time
 import torch
 import async_ckpt
 from async_ckpt import Checkpointer
-tensors, saves = int(sys.argv[1]), int(sys.argv[2])
+tensors, saves, train_ms = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 torch.manual_seed(0)
+a = torch.randn(256, 256)
+
+
+def train():  # matrix products on torch's threads for ``train_ms``, ending right before the save, like a step
+    end = time.perf_counter() + train_ms / 1e3
+    while time.perf_counter() < end:
+        a @ a
+
+
 layers = max(1, round((tensors - 11) / 8))
 net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(layers)], torch.nn.BatchNorm1d(64))
 opt = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -49,6 +59,7 @@ with tempfile.TemporaryDirectory(dir=root) as d:
     ck = Checkpointer(d, keep_last=2, fsync=False, manifest=False)
     times = []
     for step in range(saves + 2):
+        train()
         state = {"model": net.state_dict(), "opt": opt.state_dict()}
         t0 = time.perf_counter()
         ck.save(step, state)
@@ -69,11 +80,11 @@ print(json.dumps(out))
 """
 
 
-def _run(package_root: str, tensors: int, saves: int) -> dict[str, Any]:
+def _run(package_root: str, tensors: int, saves: int, train_ms: float) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": package_root}
     with tempfile.TemporaryDirectory() as cwd:  # an empty working directory: nothing shadows the package
         out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(tensors), str(saves)],
+            [sys.executable, "-c", _CHILD, str(tensors), str(saves), str(train_ms)],
             cwd=cwd,
             env=env,
             check=True,
@@ -94,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensors", type=int, default=2739)
     p.add_argument("--saves", type=int, default=40, help="timed saves per process")
     p.add_argument("--pairs", type=int, default=3, help="processes per revision, alternating")
+    p.add_argument(
+        "--train-ms",
+        type=float,
+        default=0.0,
+        help="before each save, this long of matrix products on torch's threads (a training step: its OpenMP "
+        "workers are still spinning at the save, as they are after a real step)",
+    )
     p.add_argument("--out", default="bench-results")
     args = p.parse_args(argv)
 
@@ -110,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for _ in range(args.pairs):
             for name, root in roots.items():
-                r = _run(root, args.tensors, args.saves)
+                r = _run(root, args.tensors, args.saves, args.train_ms)
                 runs[name].append(r)
                 print(f"- {name}: save() {r['save_s'] / r['tensors'] * 1e6:.2f} us per tensor ({r['tensors']} tensors)")
     finally:

@@ -19,6 +19,7 @@ from async_ckpt import AsyncCheckpointSaver
 from async_ckpt.pipeline.snapshot import PREWARM_THREAD_NAME
 from async_ckpt.pipeline.storage import TMP_MARKER
 from async_ckpt.pipeline.writer import THREAD_NAME, flush_all
+from async_ckpt.pipeline.writer import _worker as _writer  # the process-wide writer: its open clients
 
 METRICS = (0.5, 0.7, 0.7, 0.6, 0.9, 0.9, 0.3, 0.95)  # make_training's "acc" at the end of epochs 1, 2, ...
 # Saver arguments that keep every kind of checkpoint: the final one, the best two by "acc" and the last two epochs.
@@ -181,11 +182,21 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def _writer_clients() -> list[Any]:
+    return _writer.clients()
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_writer() -> Iterator[None]:
-    """Fail a test that leaves the writer thread running (an unclosed saver with work still queued)."""
+    """Fail a test that leaves work queued, or a thread of ours running once its savers are closed.
+
+    The writer thread stays while a client is open, so the savers a test left open are closed here (their work is
+    finished first) before the threads are looked at.
+    """
     yield
     leftovers = flush_all(timeout=30)
+    for client in _writer_clients():
+        client.close(timeout=30)
     watched = (THREAD_NAME, "async_ckpt-stage", PREWARM_THREAD_NAME)
     for t in threading.enumerate():
         if t.name in (THREAD_NAME, PREWARM_THREAD_NAME):  # both end by themselves once their work is done

@@ -97,6 +97,41 @@ def test_wait_times_out_while_blocked_and_close_joins(tmp_path: os.PathLike[str]
     client.close()  # idempotent
 
 
+def _writer_thread_of(job: WriteJob) -> list[threading.Thread]:
+    seen: list[threading.Thread] = []  # the Thread objects themselves: an ident can be reused by a later thread
+    job.on_done = lambda result: seen.append(threading.current_thread())
+    return seen
+
+
+def test_an_idle_writer_waits_for_the_next_save_of_an_open_client(tmp_path: os.PathLike[str]) -> None:
+    """Between two saves of an open client the writer thread stays (the second save starts no thread on the
+    caller's side); closing the last open client ends it."""
+    client = WriterClient(FileStorage(fsync=False))
+    first, second = _job(os.path.join(tmp_path, "a.pt")), _job(os.path.join(tmp_path, "b.pt"))
+    ran_first, ran_second = _writer_thread_of(first), _writer_thread_of(second)
+    client.submit(first)
+    assert client.wait(timeout=30) and worker_alive()
+    client.submit(second)
+    assert client.close(timeout=30)
+    assert len(ran_first) == len(ran_second) == 1 and ran_first[0] is ran_second[0]
+    assert not worker_alive()
+
+
+def test_a_client_collected_without_close_lets_the_writer_end(tmp_path: os.PathLike[str]) -> None:
+    """A client dropped without close() (its saver was garbage-collected) does not keep the writer thread: the
+    idle writer notices and ends."""
+    import gc
+
+    client = WriterClient(FileStorage(fsync=False))
+    client.submit(_job(os.path.join(tmp_path, "a.pt")))
+    assert client.wait(timeout=30)
+    (thread,) = [t for t in threading.enumerate() if t.name == writer_mod.THREAD_NAME]
+    del client
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
 def test_submit_after_close_is_refused(tmp_path: os.PathLike[str]) -> None:
     """A closed client refuses new work with a clear error."""
     client = WriterClient(FileStorage(fsync=False))

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             nbytes = os.path.getsize(path)
             tier_s: list[float] = []
             put_s: list[float] = []
+            phases: dict[str, list[float]] = {"checksum_s": [], "upload_s": [], "publish_s": []}
             for r in range(args.rounds):
 
                 def tier(r: int = r) -> None:
@@ -118,6 +119,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     errors = t.take_errors()
                     if errors:
                         raise errors[0]
+                    (done,) = [u for u in t.stats.uploads if u.ok]
+                    for key, values in phases.items():
+                        values.append(getattr(done, key))
 
                 def put(r: int = r) -> None:
                     t0 = time.perf_counter()
@@ -159,6 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "uploader_mib_s": tier_mib,
         "put_file_mib_s": put_mib,
         "ratio": tier_mib / put_mib,
+        "uploader_phases_s": phases,
         **stall,
         "server": "moto (loopback, subprocess)",
     }
@@ -183,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"| s3fs put_file | {statistics.median(result['put_file_s']):.3f} | {result['put_file_mib_s']:.0f} |")
     print(f"\nratio uploader / put_file: {result['ratio']:.2f}")
+    ph = {k: statistics.median(v) for k, v in result["uploader_phases_s"].items()}
+    rest = statistics.median(result["uploader_s"]) - sum(ph.values())
+    print(
+        f"uploader phases (medians): CRC-32 read {ph['checksum_s'] * 1e3:.0f} ms, multipart upload "
+        f"{ph['upload_s'] * 1e3:.0f} ms, size check + manifest {ph['publish_s'] * 1e3:.0f} ms, hand-over and "
+        f"the rest {rest * 1e3:.0f} ms; s3fs put_file {statistics.median(result['put_file_s']) * 1e3:.0f} ms"
+    )
     local, url = result["local_blocking_p50_ms"], result["url_blocking_p50_ms"]
     print(f"save() blocking p50: local {local:.1f} ms, URL {url:.1f} ms")
     if args.json:

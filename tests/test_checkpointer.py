@@ -289,3 +289,34 @@ def test_overflow_skip_drops_a_save_while_the_writer_is_busy(tmp_path: Path) -> 
         storage.open_all()
         assert first.result(TIMEOUT) is not None
     assert _steps(tmp_path) == ["step_00000001.pt"] and ckpt.stats.skipped == 1
+
+
+def test_a_save_that_allocates_has_the_other_buffer_sets_made_in_the_background(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first save of a Checkpointer allocates its buffers on the caller's thread (nothing saw the state before);
+    the other max_pending - 1 sets are then made on the prewarm thread, so a save that comes while the first is
+    still being written allocates nothing on the caller's thread."""
+    from async_ckpt.pipeline import snapshot
+
+    made_on: list[str] = []
+
+    class Recorded(snapshot._BufferSet):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made_on.append(threading.current_thread().name)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot, "_BufferSet", Recorded)
+    storage = GatedStorage()
+    ckpt = Checkpointer(tmp_path, keep_last=3, max_pending=2, storage=storage)
+    state = {"w": torch.randn(1000)}
+    ckpt.save(1, state)
+    assert ckpt._pipeline.stager.join_prewarm(30)
+    assert storage.entered.wait(30)  # the first write is held at the gate: its buffers are in use
+    state["w"].add_(1)
+    ckpt.save(2, state)
+    storage.open_all()
+    ckpt.close()
+    caller = threading.current_thread().name
+    assert made_on == [caller, snapshot.PREWARM_THREAD_NAME]
+    assert torch.equal(load_checkpoint(ckpt.path_for(2))["w"], state["w"])

@@ -120,6 +120,9 @@ class SavePipeline:
         self._deferred: list[Staged] = []
         self._hooks: dict[int, Any] = {}
         self.on_durable: Callable[[SaveStats], None] | None = None
+        # After a save that had to allocate its buffers, make the pool's other sets on the prewarm thread (off for a
+        # saver built with ``prewarm=False``, which allocates every set in the save that needs it).
+        self.prewarm_after_allocation = True
         # Called on the writer thread with the files a durable save evicted (its ``removes``), before on_durable;
         # the remote tier deletes their published copies after its next publish.
         self.on_evicted: Callable[[list[str]], None] | None = None
@@ -159,6 +162,10 @@ class SavePipeline:
         previous = self.stager._last
         staged = self.stager.stage(flat.tensors, block=True, reuse=self.options.dedup, defer=defer, step=step)
         assert staged is not None  # block=True always returns a snapshot
+        if staged.alloc_s > 0 and self.options.max_pending > 1 and self.prewarm_after_allocation:
+            # This save allocated its buffers (no prewarm saw this layout): make the other sets in the background,
+            # so that a save coming while this one is still being written does not allocate on this thread too.
+            self.stager.prewarm_async(flat.tensors)
         reused = previous is not None and staged.views is previous.views
         fingerprint = flat.fingerprint() if self.options.dedup else None  # the skeleton's bytes: free
         link_from = None

@@ -208,6 +208,7 @@ class AsyncCheckpointSaver:
                 f"preempt_signal={preempt_signal!r} writes the final checkpoint on the signal; pass save_final=True."
             )
         self._pipeline = SavePipeline(save_dict, self.options, storage, lambda: self.logger, name=name or "saver")
+        self._pipeline.prewarm_after_allocation = prewarm
         self._pipeline.on_durable = on_durable
         start_upload = connect(self._pipeline, self.remote, on_durable) if self.remote is not None else None
         if saves and idist.get_rank() == 0:

@@ -6,8 +6,8 @@ one file durably and then, only if that succeeded, runs the removals attached to
 waits until the file that replaces it is durable.
 
 The worker starts when work arrives and waits for more while any client is open, so a checkpoint event does not
-pay for starting a thread (0.1-4 ms on the training thread of a busy machine); it exits once the queue is empty
-and every client is closed (or collected), so a process without savers holds no thread. It is a daemon, and an
+pay for starting a thread on the training thread (``benchmarks.save_path --train-ms``); it exits once the queue is
+empty and every client is closed (or collected), so a process without savers holds no thread. It is a daemon, and an
 ``atexit`` hook drains what is still queued and reports what it could not finish, so nothing hangs at exit.
 Failures are latched per client and raised on the client's thread by :meth:`WriterClient.take_failures`'s caller,
 never swallowed. This module does not know about ignite or tensors.
